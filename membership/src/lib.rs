@@ -1,0 +1,44 @@
+//! The membership engine: SWIM per logical cluster, a versioned member list, and its log format.
+//!
+//! This crate knows nothing about clouds or discovery: it takes candidate addresses and turns
+//! datagrams and time into member-list changes. See [`Engine`] for the protocol and [`sim`]
+//! for the deterministic simulator that tests it.
+
+pub mod engine;
+pub mod id;
+pub mod list;
+pub mod sim;
+pub mod wire;
+
+pub use engine::{Config, Engine, Output, Stats};
+pub use id::{NodeId, Role};
+pub use list::{LoggedList, LoggedMember, MemberList, parse_logged_lists};
+
+/// Why a message was dropped or could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Decode(&'static str),
+    /// A message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(&'static str),
+    /// The message belongs to another cluster name or logical cluster.
+    #[error("message from another cluster")]
+    ForeignCluster,
+    /// foca refused the message.
+    #[error("swim protocol: {0}")]
+    Swim(String),
+}
+
+impl MembershipError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MembershipError::Decode(_) => "malformed",
+            MembershipError::Encode(_) => "encode",
+            MembershipError::ForeignCluster => "foreign_cluster",
+            MembershipError::Swim(_) => "swim",
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! A deterministic simulator: N engines in virtual time, with loss, partitions and kills.
+//!
+//! Everything random comes from one seeded RNG, so a failing scenario replays exactly.
+//! Datagrams are lost with the configured probability; streams are reliable, as TCP is, but
+//! both are cut by partitions. Nothing here touches a socket.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use uuid::Uuid;
+
+use crate::engine::{Config, Engine, Output};
+use crate::id::{NodeId, Role};
+use crate::list::MemberList;
+use crate::wire;
+
+#[derive(Debug)]
+struct Delivery {
+    to: SocketAddr,
+    from: SocketAddr,
+    data: Vec<u8>,
+    stream: bool,
+}
+
+/// One simulated host.
+#[derive(Debug)]
+pub struct SimNode {
+    /// The running engine, or `None` once killed.
+    pub engine: Option<Engine>,
+    /// The host's gossip address.
+    pub addr: SocketAddr,
+    /// Every list this host adopted, in order.
+    pub history: Vec<MemberList>,
+    /// Partition group; hosts in different groups cannot talk.
+    pub group: u32,
+    /// Bytes this host sent.
+    pub bytes_out: u64,
+}
+
+/// The simulated network and its hosts.
+#[derive(Debug)]
+pub struct Sim {
+    /// The hosts, by index.
+    pub nodes: Vec<SimNode>,
+    now: Duration,
+    rng: StdRng,
+    loss: f64,
+    latency: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    pending: HashMap<u64, Delivery>,
+    seq: u64,
+    by_addr: HashMap<SocketAddr, usize>,
+    cfg: Config,
+    tag: u64,
+}
+
+impl Sim {
+    /// A simulator with no hosts, 1 ms latency and no loss.
+    pub fn new(seed: u64, cfg: Config) -> Self {
+        Self {
+            nodes: Vec::new(),
+            now: Duration::ZERO,
+            rng: StdRng::seed_from_u64(seed),
+            loss: 0.0,
+            latency: Duration::from_millis(1),
+            queue: BinaryHeap::new(),
+            pending: HashMap::new(),
+            seq: 0,
+            by_addr: HashMap::new(),
+            cfg,
+            tag: wire::cluster_tag("sim", "all"),
+        }
+    }
+
+    /// The current virtual time.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// Drops this fraction of datagrams, in `[0, 1]`.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.loss = loss.clamp(0.0, 1.0);
+    }
+
+    fn addr_of(i: usize) -> SocketAddr {
+        let i = i as u32 + 1;
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(198, 18, (i >> 8) as u8, (i & 0xff) as u8)),
+            10081,
+        )
+    }
+
+    /// Adds `n` hosts that start now; each one's candidates are all hosts (static discovery).
+    pub fn add_nodes(&mut self, n: usize) -> Vec<usize> {
+        let first = self.nodes.len();
+        for i in first..first + n {
+            let addr = Self::addr_of(i);
+            self.by_addr.insert(addr, i);
+            self.nodes.push(SimNode {
+                engine: None,
+                addr,
+                history: Vec::new(),
+                group: 0,
+                bytes_out: 0,
+            });
+            self.start(i);
+        }
+        let all: Vec<SocketAddr> = self.nodes.iter().map(|n| n.addr).collect();
+        for node in &mut self.nodes {
+            if let Some(e) = node.engine.as_mut() {
+                e.set_candidates(all.clone(), self.now);
+            }
+        }
+        (first..first + n).collect()
+    }
+
+    /// Starts (or restarts) host `i` with a fresh UUID.
+    pub fn start(&mut self, i: usize) {
+        let uuid = Uuid::from_u128(self.rng.random());
+        let started_ms = 1_000_000 + self.now.as_millis() as u64 * 1000 + i as u64;
+        let me = NodeId::new(self.nodes[i].addr, uuid, started_ms, Role::Worker);
+        let mut e = Engine::new(me, self.tag, self.cfg.clone(), self.rng.random(), self.now);
+        let all: Vec<SocketAddr> = self.nodes.iter().map(|n| n.addr).collect();
+        e.set_candidates(all, self.now);
+        self.nodes[i].engine = Some(e);
+        self.collect(i);
+    }
+
+    /// Kills host `i` at once, like kill -9.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].engine = None;
+    }
+
+    /// Host `i` leaves gracefully, then stops.
+    pub fn leave(&mut self, i: usize) {
+        let now = self.now;
+        if let Some(e) = self.nodes[i].engine.as_mut() {
+            e.leave(now);
+        }
+        self.collect(i);
+        self.nodes[i].engine = None;
+    }
+
+    /// Puts each host in a partition group; hosts in different groups cannot talk.
+    pub fn partition(&mut self, groups: &[u32]) {
+        for (n, g) in self.nodes.iter_mut().zip(groups) {
+            n.group = *g;
+        }
+    }
+
+    /// Removes every partition.
+    pub fn heal(&mut self) {
+        for n in &mut self.nodes {
+            n.group = 0;
+        }
+    }
+
+    fn collect(&mut self, i: usize) {
+        let Some(e) = self.nodes[i].engine.as_mut() else {
+            return;
+        };
+        let outs = e.drain_outputs();
+        let changes = e.drain_changes();
+        self.nodes[i].history.extend(changes);
+        let from = self.nodes[i].addr;
+        for o in outs {
+            let (to, data, stream) = match o {
+                Output::Datagram { to, data } => (to, data, false),
+                Output::Stream { to, data } => (to, data, true),
+            };
+            self.nodes[i].bytes_out += data.len() as u64;
+            if !stream && self.rng.random_bool(self.loss) {
+                continue;
+            }
+            let jitter = self.latency.mul_f64(self.rng.random_range(0.5..1.5));
+            self.seq += 1;
+            self.pending.insert(
+                self.seq,
+                Delivery {
+                    to,
+                    from,
+                    data,
+                    stream,
+                },
+            );
+            self.queue.push(Reverse((self.now + jitter, self.seq)));
+        }
+    }
+
+    /// Runs the simulation for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        self.run_until(end, |_| false);
+    }
+
+    /// Runs until `done` holds (checked after each step) or virtual time reaches `deadline`.
+    /// Returns whether `done` held.
+    pub fn run_until(&mut self, deadline: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        // A bound on steps, far above what any scenario needs, so a bug cannot spin forever.
+        let mut steps: u64 = 0;
+        while self.now < deadline && steps < 200_000_000 {
+            steps += 1;
+            let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
+            let next_tick = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.engine.as_ref().map(|e| e.next_deadline()))
+                .min();
+            let next = [next_msg, next_tick, Some(deadline)]
+                .into_iter()
+                .flatten()
+                .min()
+                .expect("deadline is always there");
+            // Never stand still: at least 1 ms per step when only ticks are due.
+            self.now = next.max(self.now).min(deadline);
+            while let Some(Reverse((t, seq))) = self.queue.peek().copied() {
+                if t > self.now {
+                    break;
+                }
+                self.queue.pop();
+                let Some(d) = self.pending.remove(&seq) else {
+                    continue;
+                };
+                self.deliver(d);
+            }
+            let now = self.now;
+            for i in 0..self.nodes.len() {
+                let due = self.nodes[i]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| e.next_deadline() <= now);
+                if due {
+                    if let Some(e) = self.nodes[i].engine.as_mut() {
+                        e.tick(now);
+                    }
+                    self.collect(i);
+                }
+            }
+            if done(self) {
+                return true;
+            }
+            if next_msg.is_none_or(|m| m > self.now) && next_tick.is_some_and(|t| t <= self.now) {
+                // Ticks that produce no progress must still let time move.
+                self.now += Duration::from_millis(1);
+            }
+        }
+        done(self)
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let Some(&i) = self.by_addr.get(&d.to) else {
+            return;
+        };
+        let Some(&j) = self.by_addr.get(&d.from) else {
+            return;
+        };
+        if self.nodes[i].group != self.nodes[j].group {
+            return;
+        }
+        let now = self.now;
+        let Some(e) = self.nodes[i].engine.as_mut() else {
+            return;
+        };
+        if d.stream {
+            e.handle_stream(d.from, &d.data, now);
+        } else {
+            e.handle_datagram(d.from, &d.data, now);
+        }
+        self.collect(i);
+    }
+
+    /// The list host `i` holds now, if it runs.
+    pub fn list(&self, i: usize) -> Option<&MemberList> {
+        self.nodes[i].engine.as_ref().map(|e| e.list())
+    }
+
+    /// The UUID host `i` runs with, if it runs.
+    pub fn uuid(&self, i: usize) -> Option<Uuid> {
+        self.nodes[i].engine.as_ref().map(|e| e.me().uuid)
+    }
+
+    /// Whether every host in `hosts` runs and holds the same list, with exactly those hosts.
+    pub fn converged(&self, hosts: &[usize]) -> bool {
+        let mut want: Vec<Uuid> = match hosts.iter().map(|&i| self.uuid(i)).collect() {
+            Some(v) => v,
+            None => return false,
+        };
+        want.sort();
+        let Some(first) = self.list(hosts[0]) else {
+            return false;
+        };
+        let mut got: Vec<Uuid> = first.members.iter().map(|m| m.uuid).collect();
+        got.sort();
+        if got != want {
+            return false;
+        }
+        hosts
+            .iter()
+            .all(|&i| self.list(i).is_some_and(|l| l == first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(seed: u64) -> Sim {
+        Sim::new(seed, Config::lan())
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn three_nodes_converge_to_one_list_with_the_same_ver() {
+        let mut s = sim(1);
+        let all = s.add_nodes(3);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let l = s.list(0).unwrap().clone();
+        // Oldest first.
+        assert!(l.members.windows(2).all(|w| w[0].cmp_age(&w[1]).is_lt()));
+        // ver only grows on every host.
+        for n in &s.nodes {
+            assert!(n.history.windows(2).all(|w| w[0].ver < w[1].ver));
+        }
+    }
+
+    #[test]
+    fn fifty_nodes_started_at_once_converge() {
+        let mut s = sim(2);
+        let all = s.add_nodes(50);
+        assert!(
+            s.run_until(secs(10), |s| s.converged(&all)),
+            "not converged after 10 s"
+        );
+    }
+
+    #[test]
+    fn a_killed_node_is_removed_from_every_list() {
+        let mut s = sim(3);
+        let all = s.add_nodes(5);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        s.kill(2);
+        let rest = [0, 1, 3, 4];
+        assert!(
+            s.run_until(s.now() + secs(10), |s| s.converged(&rest)),
+            "survivors did not drop the killed node"
+        );
+    }
+
+    #[test]
+    fn a_graceful_leave_is_seen_within_a_second() {
+        let mut s = sim(4);
+        let all = s.add_nodes(4);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        s.run_for(secs(2));
+        let t0 = s.now();
+        s.leave(0);
+        let rest = [1, 2, 3];
+        assert!(s.run_until(t0 + secs(1), |s| s.converged(&rest)));
+    }
+
+    #[test]
+    fn a_partition_heals_into_one_list() {
+        let mut s = sim(5);
+        let all = s.add_nodes(6);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        s.partition(&[0, 0, 0, 1, 1, 1]);
+        assert!(
+            s.run_until(s.now() + secs(20), |s| s.converged(&[0, 1, 2])
+                && s.converged(&[3, 4, 5])),
+            "each side must settle on its own list"
+        );
+        s.heal();
+        assert!(
+            s.run_until(s.now() + secs(20), |s| s.converged(&all)),
+            "the sides did not merge"
+        );
+        for n in &s.nodes {
+            assert!(n.history.windows(2).all(|w| w[0].ver < w[1].ver));
+        }
+    }
+
+    #[test]
+    fn no_false_removal_in_ten_minutes_at_ten_percent_loss() {
+        let mut s = sim(6);
+        let all = s.add_nodes(3);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let before: Vec<usize> = s.nodes.iter().map(|n| n.history.len()).collect();
+        s.set_loss(0.10);
+        s.run_for(secs(600));
+        for (n, b) in s.nodes.iter().zip(before) {
+            for l in &n.history[b..] {
+                assert_eq!(l.members.len(), 3, "a live member was removed: {l:?}");
+            }
+        }
+        assert!(s.converged(&all));
+    }
+
+    #[test]
+    fn a_restart_on_the_same_address_replaces_the_old_uuid() {
+        let mut s = sim(7);
+        let all = s.add_nodes(3);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let old = s.uuid(1).unwrap();
+        s.kill(1);
+        s.run_for(Duration::from_millis(200));
+        s.start(1);
+        assert!(s.run_until(s.now() + secs(10), |s| s.converged(&all)));
+        assert!(!s.list(0).unwrap().contains(old));
+    }
+}

@@ -1,0 +1,644 @@
+//! The wire format: an envelope around foca packets, member lists, pulls, syncs and leaves.
+//!
+//! Every message starts with a fixed header: magic, format version, kind and the cluster tag.
+//! The tag is a hash of the cluster name and the logical cluster, so nodes of another cluster,
+//! or of the other logical cluster, are dropped before anything is decoded. Decoding never
+//! trusts a length field: every read is checked against what is left.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::{Buf, BufMut};
+use foca::{Header, Member, Message, State};
+use uuid::Uuid;
+
+use crate::MembershipError;
+use crate::id::{NodeId, Role};
+
+/// The first two bytes of every message.
+pub const MAGIC: [u8; 2] = [0xC5, 0x1A];
+/// The format version; a node drops messages of any other version.
+pub const VERSION: u8 = 1;
+/// Bytes before the payload: magic, version, kind and the 8-byte cluster tag.
+pub const HEADER_LEN: usize = 12;
+/// The largest encoded [`NodeId`].
+pub const MAX_ID_LEN: usize = 1 + 16 + 2 + 16 + 8 + 2 + 1;
+
+/// What a message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A foca SWIM packet.
+    Foca = 1,
+    /// A member list issued by the oldest member.
+    List = 2,
+    /// A request for the current member list.
+    Pull = 3,
+    /// A push/pull state sync request (stream).
+    SyncRequest = 4,
+    /// The answer to a sync request (stream).
+    SyncResponse = 5,
+    /// A graceful leave, sent directly to every member.
+    Leave = 6,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Result<Self, MembershipError> {
+        Ok(match b {
+            1 => Kind::Foca,
+            2 => Kind::List,
+            3 => Kind::Pull,
+            4 => Kind::SyncRequest,
+            5 => Kind::SyncResponse,
+            6 => Kind::Leave,
+            _ => return Err(MembershipError::Decode("unknown message kind")),
+        })
+    }
+}
+
+/// The cluster tag: FNV-1a over the cluster name and the logical cluster name.
+pub fn cluster_tag(cluster_name: &str, logical: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster_name
+        .as_bytes()
+        .iter()
+        .chain(&[0u8])
+        .chain(logical.as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Writes the envelope header.
+pub fn put_header(buf: &mut Vec<u8>, kind: Kind, tag: u64) {
+    buf.extend_from_slice(&MAGIC);
+    buf.push(VERSION);
+    buf.push(kind as u8);
+    buf.put_u64(tag);
+}
+
+/// Checks the envelope header and returns the kind and the payload.
+pub fn split_header(data: &[u8], tag: u64) -> Result<(Kind, &[u8]), MembershipError> {
+    if data.len() < HEADER_LEN {
+        return Err(MembershipError::Decode("shorter than the header"));
+    }
+    if data[0..2] != MAGIC {
+        return Err(MembershipError::Decode("bad magic"));
+    }
+    if data[2] != VERSION {
+        return Err(MembershipError::Decode("unsupported format version"));
+    }
+    let kind = Kind::from_u8(data[3])?;
+    let got = u64::from_be_bytes(data[4..12].try_into().expect("8 bytes"));
+    if got != tag {
+        return Err(MembershipError::ForeignCluster);
+    }
+    Ok((kind, &data[HEADER_LEN..]))
+}
+
+fn need(buf: &impl Buf, n: usize) -> Result<(), MembershipError> {
+    if buf.remaining() < n {
+        Err(MembershipError::Decode("truncated"))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_u8(buf: &mut impl Buf) -> Result<u8, MembershipError> {
+    need(buf, 1)?;
+    Ok(buf.get_u8())
+}
+
+fn get_u16(buf: &mut impl Buf) -> Result<u16, MembershipError> {
+    need(buf, 2)?;
+    Ok(buf.get_u16())
+}
+
+fn get_u32(buf: &mut impl Buf) -> Result<u32, MembershipError> {
+    need(buf, 4)?;
+    Ok(buf.get_u32())
+}
+
+fn get_u64(buf: &mut impl Buf) -> Result<u64, MembershipError> {
+    need(buf, 8)?;
+    Ok(buf.get_u64())
+}
+
+fn get_uuid(buf: &mut impl Buf) -> Result<Uuid, MembershipError> {
+    need(buf, 16)?;
+    let mut b = [0u8; 16];
+    buf.copy_to_slice(&mut b);
+    Ok(Uuid::from_bytes(b))
+}
+
+/// Encodes a member identity.
+pub fn put_id(buf: &mut impl BufMut, id: &NodeId) {
+    match id.addr.ip() {
+        IpAddr::V4(ip) => {
+            buf.put_u8(4);
+            buf.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            buf.put_u8(6);
+            buf.put_slice(&ip.octets());
+        }
+    }
+    buf.put_u16(id.addr.port());
+    buf.put_slice(id.uuid.as_bytes());
+    buf.put_u64(id.started_ms);
+    buf.put_u16(id.generation);
+    buf.put_u8(match id.role {
+        Role::Scheduler => 1,
+        Role::Worker => 2,
+    });
+}
+
+/// Decodes a member identity.
+pub fn get_id(buf: &mut impl Buf) -> Result<NodeId, MembershipError> {
+    let ip = match get_u8(buf)? {
+        4 => {
+            need(buf, 4)?;
+            let mut b = [0u8; 4];
+            buf.copy_to_slice(&mut b);
+            IpAddr::V4(Ipv4Addr::from(b))
+        }
+        6 => {
+            need(buf, 16)?;
+            let mut b = [0u8; 16];
+            buf.copy_to_slice(&mut b);
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return Err(MembershipError::Decode("bad address family")),
+    };
+    let port = get_u16(buf)?;
+    let uuid = get_uuid(buf)?;
+    let started_ms = get_u64(buf)?;
+    let generation = get_u16(buf)?;
+    let role = match get_u8(buf)? {
+        1 => Role::Scheduler,
+        2 => Role::Worker,
+        _ => return Err(MembershipError::Decode("bad role")),
+    };
+    Ok(NodeId {
+        addr: SocketAddr::new(ip, port),
+        uuid,
+        started_ms,
+        generation,
+        role,
+    })
+}
+
+fn put_member(buf: &mut impl BufMut, m: &Member<NodeId>) {
+    put_id(buf, m.id());
+    buf.put_u16(m.incarnation());
+    buf.put_u8(match m.state() {
+        State::Alive => 0,
+        State::Suspect => 1,
+        State::Down => 2,
+    });
+}
+
+fn get_member(buf: &mut impl Buf) -> Result<Member<NodeId>, MembershipError> {
+    let id = get_id(buf)?;
+    let inc = get_u16(buf)?;
+    let state = match get_u8(buf)? {
+        0 => State::Alive,
+        1 => State::Suspect,
+        2 => State::Down,
+        _ => return Err(MembershipError::Decode("bad member state")),
+    };
+    Ok(Member::new(id, inc, state))
+}
+
+/// The foca codec: a compact big-endian encoding of headers and members.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Codec;
+
+impl foca::Codec<NodeId> for Codec {
+    type Error = MembershipError;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        mut buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        if buf.remaining_mut() < 2 * MAX_ID_LEN + 4 + MAX_ID_LEN {
+            return Err(MembershipError::Encode("no room for the header"));
+        }
+        put_id(&mut buf, &header.src);
+        buf.put_u16(header.src_incarnation);
+        put_id(&mut buf, &header.dst);
+        match &header.message {
+            Message::Ping(n) => {
+                buf.put_u8(1);
+                buf.put_u8(*n);
+            }
+            Message::Ack(n) => {
+                buf.put_u8(2);
+                buf.put_u8(*n);
+            }
+            Message::PingReq {
+                target,
+                probe_number,
+            } => {
+                buf.put_u8(3);
+                buf.put_u8(*probe_number);
+                put_id(&mut buf, target);
+            }
+            Message::IndirectPing {
+                origin,
+                probe_number,
+            } => {
+                buf.put_u8(4);
+                buf.put_u8(*probe_number);
+                put_id(&mut buf, origin);
+            }
+            Message::IndirectAck {
+                target,
+                probe_number,
+            } => {
+                buf.put_u8(5);
+                buf.put_u8(*probe_number);
+                put_id(&mut buf, target);
+            }
+            Message::ForwardedAck {
+                origin,
+                probe_number,
+            } => {
+                buf.put_u8(6);
+                buf.put_u8(*probe_number);
+                put_id(&mut buf, origin);
+            }
+            Message::Announce => buf.put_u8(7),
+            Message::Feed => buf.put_u8(8),
+            Message::Gossip => buf.put_u8(9),
+            Message::Broadcast => buf.put_u8(10),
+            Message::TurnUndead => buf.put_u8(11),
+        }
+        Ok(())
+    }
+
+    fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
+        let src = get_id(&mut buf)?;
+        let src_incarnation = get_u16(&mut buf)?;
+        let dst = get_id(&mut buf)?;
+        let message = match get_u8(&mut buf)? {
+            1 => Message::Ping(get_u8(&mut buf)?),
+            2 => Message::Ack(get_u8(&mut buf)?),
+            3 => {
+                let probe_number = get_u8(&mut buf)?;
+                Message::PingReq {
+                    target: get_id(&mut buf)?,
+                    probe_number,
+                }
+            }
+            4 => {
+                let probe_number = get_u8(&mut buf)?;
+                Message::IndirectPing {
+                    origin: get_id(&mut buf)?,
+                    probe_number,
+                }
+            }
+            5 => {
+                let probe_number = get_u8(&mut buf)?;
+                Message::IndirectAck {
+                    target: get_id(&mut buf)?,
+                    probe_number,
+                }
+            }
+            6 => {
+                let probe_number = get_u8(&mut buf)?;
+                Message::ForwardedAck {
+                    origin: get_id(&mut buf)?,
+                    probe_number,
+                }
+            }
+            7 => Message::Announce,
+            8 => Message::Feed,
+            9 => Message::Gossip,
+            10 => Message::Broadcast,
+            11 => Message::TurnUndead,
+            _ => return Err(MembershipError::Decode("bad foca message tag")),
+        };
+        Ok(Header {
+            src,
+            src_incarnation,
+            dst,
+            message,
+        })
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        mut buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        if buf.remaining_mut() < MAX_ID_LEN + 3 {
+            return Err(MembershipError::Encode("no room for the member"));
+        }
+        put_member(&mut buf, member);
+        Ok(())
+    }
+
+    fn decode_member(&mut self, mut buf: impl Buf) -> Result<Member<NodeId>, Self::Error> {
+        get_member(&mut buf)
+    }
+}
+
+/// A member list as issued by the oldest member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListMsg {
+    /// The list version.
+    pub ver: u64,
+    /// The UUID of the member that issued it.
+    pub coordinator: Uuid,
+    /// The members, oldest first.
+    pub members: Vec<NodeId>,
+}
+
+/// Encodes a whole message of kind [`Kind::List`].
+pub fn encode_list(tag: u64, msg: &ListMsg) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 26 + msg.members.len() * MAX_ID_LEN);
+    put_header(&mut buf, Kind::List, tag);
+    buf.put_u64(msg.ver);
+    buf.put_slice(msg.coordinator.as_bytes());
+    buf.put_u32(msg.members.len() as u32);
+    for m in &msg.members {
+        put_id(&mut buf, m);
+    }
+    buf
+}
+
+/// Decodes the payload of a [`Kind::List`] message.
+pub fn decode_list(mut p: &[u8], max_members: usize) -> Result<ListMsg, MembershipError> {
+    let ver = get_u64(&mut p)?;
+    let coordinator = get_uuid(&mut p)?;
+    let n = get_u32(&mut p)? as usize;
+    if n > max_members {
+        return Err(MembershipError::Decode("too many members"));
+    }
+    let mut members = Vec::with_capacity(n.min(p.len() / 30));
+    for _ in 0..n {
+        members.push(get_id(&mut p)?);
+    }
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(ListMsg {
+        ver,
+        coordinator,
+        members,
+    })
+}
+
+/// A request for the current list: who asks, and what it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullMsg {
+    /// The asking member.
+    pub from: NodeId,
+    /// The version it holds.
+    pub have_ver: u64,
+    /// The coordinator that issued what it holds.
+    pub have_coordinator: Uuid,
+}
+
+/// Encodes a whole message of kind [`Kind::Pull`].
+pub fn encode_pull(tag: u64, msg: &PullMsg) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_ID_LEN + 24);
+    put_header(&mut buf, Kind::Pull, tag);
+    put_id(&mut buf, &msg.from);
+    buf.put_u64(msg.have_ver);
+    buf.put_slice(msg.have_coordinator.as_bytes());
+    buf
+}
+
+/// Decodes the payload of a [`Kind::Pull`] message.
+pub fn decode_pull(mut p: &[u8]) -> Result<PullMsg, MembershipError> {
+    let from = get_id(&mut p)?;
+    let have_ver = get_u64(&mut p)?;
+    let have_coordinator = get_uuid(&mut p)?;
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(PullMsg {
+        from,
+        have_ver,
+        have_coordinator,
+    })
+}
+
+/// A full membership state, sent on join and periodically over a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncMsg {
+    /// The sending member.
+    pub from: NodeId,
+    /// Everything the sender knows, down members included.
+    pub members: Vec<Member<NodeId>>,
+}
+
+/// Encodes a whole sync message of the given kind.
+pub fn encode_sync(tag: u64, kind: Kind, msg: &SyncMsg) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 4 + (msg.members.len() + 1) * (MAX_ID_LEN + 3));
+    put_header(&mut buf, kind, tag);
+    put_id(&mut buf, &msg.from);
+    buf.put_u32(msg.members.len() as u32);
+    for m in &msg.members {
+        put_member(&mut buf, m);
+    }
+    buf
+}
+
+/// Decodes the payload of a sync message.
+pub fn decode_sync(mut p: &[u8], max_members: usize) -> Result<SyncMsg, MembershipError> {
+    let from = get_id(&mut p)?;
+    let n = get_u32(&mut p)? as usize;
+    if n > max_members {
+        return Err(MembershipError::Decode("too many members"));
+    }
+    let mut members = Vec::with_capacity(n.min(p.len() / 33));
+    for _ in 0..n {
+        members.push(get_member(&mut p)?);
+    }
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(SyncMsg { from, members })
+}
+
+/// Encodes a whole [`Kind::Leave`] message.
+pub fn encode_leave(tag: u64, from: &NodeId) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_ID_LEN);
+    put_header(&mut buf, Kind::Leave, tag);
+    put_id(&mut buf, from);
+    buf
+}
+
+/// Decodes the payload of a [`Kind::Leave`] message.
+pub fn decode_leave(mut p: &[u8]) -> Result<NodeId, MembershipError> {
+    let id = get_id(&mut p)?;
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use foca::Codec as _;
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    fn id(n: u128, v6: bool) -> NodeId {
+        let addr = if v6 {
+            "[fd00::1]:10081".parse().unwrap()
+        } else {
+            "10.0.0.5:10081".parse().unwrap()
+        };
+        NodeId {
+            addr,
+            uuid: Uuid::from_u128(n),
+            started_ms: 1_700_000_000_000 + n as u64,
+            generation: 3,
+            role: Role::Scheduler,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_for_every_message() {
+        let msgs = vec![
+            Message::Ping(1),
+            Message::Ack(2),
+            Message::PingReq {
+                target: id(3, true),
+                probe_number: 3,
+            },
+            Message::IndirectPing {
+                origin: id(4, false),
+                probe_number: 4,
+            },
+            Message::IndirectAck {
+                target: id(5, false),
+                probe_number: 5,
+            },
+            Message::ForwardedAck {
+                origin: id(6, true),
+                probe_number: 6,
+            },
+            Message::Announce,
+            Message::Feed,
+            Message::Gossip,
+            Message::Broadcast,
+            Message::TurnUndead,
+        ];
+        for message in msgs {
+            let h = Header {
+                src: id(1, false),
+                src_incarnation: 7,
+                dst: id(2, true),
+                message,
+            };
+            let mut buf = Vec::new();
+            Codec.encode_header(&h, &mut buf).unwrap();
+            let back = Codec.decode_header(&buf[..]).unwrap();
+            assert_eq!(h, back);
+        }
+    }
+
+    #[test]
+    fn lists_syncs_pulls_and_leaves_round_trip() {
+        let tag = cluster_tag("default", "all");
+        let list = ListMsg {
+            ver: 9,
+            coordinator: Uuid::from_u128(1),
+            members: vec![id(1, false), id(2, true)],
+        };
+        let data = encode_list(tag, &list);
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::List);
+        assert_eq!(decode_list(p, 100).unwrap(), list);
+
+        let pull = PullMsg {
+            from: id(3, false),
+            have_ver: 4,
+            have_coordinator: Uuid::from_u128(2),
+        };
+        let data = encode_pull(tag, &pull);
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::Pull);
+        assert_eq!(decode_pull(p).unwrap(), pull);
+
+        let sync = SyncMsg {
+            from: id(1, true),
+            members: vec![
+                Member::new(id(2, false), 4, State::Suspect),
+                Member::down(id(3, true)),
+            ],
+        };
+        let data = encode_sync(tag, Kind::SyncRequest, &sync);
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::SyncRequest);
+        assert_eq!(decode_sync(p, 100).unwrap(), sync);
+
+        let data = encode_leave(tag, &id(8, false));
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::Leave);
+        assert_eq!(decode_leave(p).unwrap(), id(8, false));
+    }
+
+    #[test]
+    fn another_cluster_name_or_logical_cluster_is_rejected() {
+        let data = encode_leave(cluster_tag("prod", "all"), &id(1, false));
+        assert!(matches!(
+            split_header(&data, cluster_tag("staging", "all")),
+            Err(MembershipError::ForeignCluster)
+        ));
+        assert!(matches!(
+            split_header(&data, cluster_tag("prod", "scheduler")),
+            Err(MembershipError::ForeignCluster)
+        ));
+    }
+
+    #[test]
+    fn random_and_truncated_input_never_panics() {
+        let tag = cluster_tag("default", "all");
+        let good = encode_list(
+            tag,
+            &ListMsg {
+                ver: 1,
+                coordinator: Uuid::from_u128(1),
+                members: vec![id(1, false); 5],
+            },
+        );
+        for cut in 0..good.len() {
+            if let Ok((_, p)) = split_header(&good[..cut], tag) {
+                assert!(decode_list(p, 100).is_err());
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..200);
+            let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if rng.random_bool(0.5) && data.len() >= HEADER_LEN {
+                data[..HEADER_LEN].copy_from_slice(&good[..HEADER_LEN]);
+                data[3] = rng.random_range(1..=6);
+            }
+            if let Ok((_, p)) = split_header(&data, tag) {
+                let _ = decode_list(p, 100);
+                let _ = decode_pull(p);
+                let _ = decode_sync(p, 100);
+                let _ = decode_leave(p);
+                let _ = Codec.decode_header(p);
+                let _ = Codec.decode_member(p);
+            }
+        }
+        // A count field that claims far more members than the bytes could hold fails cleanly.
+        let mut lie = Vec::new();
+        put_header(&mut lie, Kind::List, tag);
+        lie.put_u64(1);
+        lie.put_slice(&[0u8; 16]);
+        lie.put_u32(99);
+        let (_, p) = split_header(&lie, tag).unwrap();
+        assert!(decode_list(p, 100).is_err());
+        assert!(decode_list(p, 10).is_err());
+    }
+}
