@@ -124,6 +124,28 @@ impl Context {
         }
     }
 
+    /// Like [`Context::classify`], but only `self` is excluded: for lists an operator wrote.
+    pub fn classify_listed(
+        &self,
+        id: impl Into<String>,
+        ip: IpAddr,
+        port: u16,
+    ) -> Result<Candidate, Exclusion> {
+        let id = id.into();
+        if ip == self.private_ip && port == self.private_port {
+            return Err(Exclusion {
+                id,
+                reason: "self".into(),
+            });
+        }
+        Ok(Candidate {
+            ip,
+            port,
+            id: Some(id),
+            role: None,
+        })
+    }
+
     /// Sorts one address into a candidate or an exclusion: self and addresses outside the
     /// selector are excluded.
     pub fn classify(
@@ -335,7 +357,8 @@ pub async fn poll_loop<D: Discover + ?Sized>(
             Err(err) => {
                 observer.round(started.elapsed(), Err(&err));
                 if err.is_transient() {
-                    let pause = jitter(backoff);
+                    // "Equal jitter": at least half the backoff, so retries stay spaced out.
+                    let pause = backoff / 2 + jitter(backoff / 2);
                     tracing::warn!(
                         backend = backend.name(),
                         kind = err.kind(),
@@ -476,11 +499,11 @@ mod tests {
         let task = tokio::spawn(backend.clone().watch(refresh, tx, Arc::new(NoObserver)));
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow().candidates.len(), 1);
-        // Two minutes of failures with backoff capped at the interval: at most about a
-        // dozen calls, and the set stays.
+        // Two minutes of failures with backoff capped at the interval: each pause is between
+        // half and all of the backoff, so 13 to 30 calls, and the set stays.
         tokio::time::sleep(Duration::from_secs(120)).await;
         let calls = backend.calls.load(Ordering::SeqCst);
-        assert!((5..=20).contains(&calls), "calls = {calls}");
+        assert!((13..=30).contains(&calls), "calls = {calls}");
         assert_eq!(rx.borrow().candidates.len(), 1);
         assert_eq!(rx.borrow().refreshes, 1);
         drop(rx);

@@ -1,2 +1,81 @@
-//! Placeholder.
-fn main() {}
+//! The `node` binary: parses flags, sets up logging and signals, then hands over to the library.
+
+use std::io::IsTerminal as _;
+
+use anyhow::Context as _;
+use clap::Parser;
+use node::cli::{Cli, Command};
+use tokio::sync::watch;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal(tx: watch::Sender<bool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    tx.send_replace(true);
+    Ok(())
+}
+
+fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("candidates ({}):", report.candidates.len());
+    for c in &report.candidates {
+        let id = c.id.as_deref().unwrap_or("-");
+        let role = c.role.map(|r| r.to_string()).unwrap_or_default();
+        println!("  {:<40} {id} {role}", format!("{}:{}", c.ip, c.port));
+    }
+    println!("excluded ({}):", report.excluded.len());
+    for x in &report.excluded {
+        println!("  {:<40} {}", x.id, x.reason);
+    }
+    if report.candidates.is_empty() {
+        eprintln!(
+            "hint: no candidates. Check the backend's filter flags (tags, labels, selectors or --static_members) and --private_ip_selector; every excluded entry above says why it was skipped."
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Some(Command::Discover { json }) => {
+                let report = node::discover(&cli.flags).await?;
+                print_report(&report, json)
+            }
+            Some(Command::Run) | None => {
+                let (tx, rx) = watch::channel(false);
+                tokio::spawn(async move {
+                    if let Err(e) = shutdown_signal(tx).await {
+                        tracing::error!("{e:#}");
+                    }
+                });
+                node::run(cli.flags, rx).await?;
+                Ok(())
+            }
+        }
+    })
+}

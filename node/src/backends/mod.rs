@@ -1,0 +1,20 @@
+//! Builds the discovery backend that `--discovery` names.
+//!
+//! Each backend has a module here with its flags and its constructor; this file only
+//! dispatches. Backends whose crate has not landed answer with [`DiscoveryError::NotBuilt`].
+
+use std::sync::Arc;
+
+use discovery::{Context, Discover, DiscoveryError};
+
+use crate::cli::{DiscoveryArg, Flags};
+
+pub mod static_;
+
+/// The backend for these flags.
+pub fn build(flags: &Flags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
+    match flags.discovery {
+        DiscoveryArg::Static => static_::build(&flags.static_, ctx),
+        other => Err(DiscoveryError::NotBuilt(other.name())),
+    }
+}

@@ -1,0 +1,186 @@
+//! The command line: every flag, its default and its `NODE_*` environment variable.
+
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use ipnetwork::IpNetwork;
+
+use crate::backends;
+use crate::ports;
+
+/// Starts a scheduler or worker and joins its clusters.
+#[derive(Debug, Parser)]
+#[command(name = "node", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; `run` when absent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The node's settings.
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node (the default).
+    Run,
+    /// Run the configured discovery backend once and print what it found and skipped.
+    Discover {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Serves clients; joins the scheduler and all-instances clusters.
+    Scheduler,
+    /// Joins the all-instances cluster.
+    Worker,
+}
+
+/// The discovery backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryArg {
+    /// Labelled GCE instances, through the Compute API.
+    Gcp,
+    /// Tagged EC2 instances, through DescribeInstances.
+    Aws,
+    /// Pods, through the Kubernetes API.
+    K8s,
+    /// Announcements on a multicast group.
+    Multicast,
+    /// A fixed list, `--static_members`.
+    Static,
+}
+
+impl DiscoveryArg {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiscoveryArg::Gcp => "gcp",
+            DiscoveryArg::Aws => "aws",
+            DiscoveryArg::K8s => "k8s",
+            DiscoveryArg::Multicast => "multicast",
+            DiscoveryArg::Static => "static",
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{s}`: use the units ms, s or m")),
+    };
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("`{s}` must be between 100ms and 60m"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Every setting of a node. Each flag can also come from `NODE_<FLAG>`.
+#[derive(Debug, Clone, Args)]
+pub struct Flags {
+    /// The node's role.
+    #[arg(long = "role", env = "NODE_ROLE", value_enum, default_value_t = RoleArg::Worker, global = true)]
+    pub role: RoleArg,
+
+    /// How peers are found.
+    #[arg(long = "discovery", env = "NODE_DISCOVERY", value_enum, default_value_t = DiscoveryArg::Static, global = true)]
+    pub discovery: DiscoveryArg,
+
+    /// CIDR that holds this node's private IP, IPv4 or IPv6; when absent, the host's only private address.
+    #[arg(long = "private_ip_selector", env = "NODE_PRIVATE_IP_SELECTOR", global = true)]
+    pub private_ip_selector: Option<IpNetwork>,
+
+    /// Internal API port; the scheduler cluster uses +1000 and the all-instances cluster +2000.
+    #[arg(long = "private_port", env = "NODE_PRIVATE_PORT", default_value = "8081", value_parser = ports::parse_private_port, global = true)]
+    pub private_port: u16,
+
+    /// Client port of schedulers.
+    #[arg(long = "public_port", env = "NODE_PUBLIC_PORT", default_value = "8080", value_parser = ports::parse_port, global = true)]
+    pub public_port: u16,
+
+    /// Bind the public port on every interface; false binds the private IP only.
+    #[arg(long = "public_bind_to_any", env = "NODE_PUBLIC_BIND_TO_ANY", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", global = true)]
+    pub public_bind_to_any: bool,
+
+    /// Nodes with another cluster name are never merged.
+    #[arg(long = "cluster_name", env = "NODE_CLUSTER_NAME", default_value = "default", global = true)]
+    pub cluster_name: String,
+
+    /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
+    #[arg(long = "discovery_refresh", env = "NODE_DISCOVERY_REFRESH", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub discovery_refresh: Duration,
+
+    /// Static discovery.
+    #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
+    pub static_: backends::static_::StaticFlags,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("node").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_work_without_flags() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.flags.role, RoleArg::Worker);
+        assert_eq!(c.flags.private_port, 8081);
+        assert_eq!(c.flags.public_port, 8080);
+        assert!(c.flags.public_bind_to_any);
+        assert_eq!(c.flags.cluster_name, "default");
+        assert_eq!(c.flags.discovery_refresh, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn underscored_spellings_and_explicit_booleans() {
+        let c = parse(&[
+            "--role",
+            "scheduler",
+            "--private_ip_selector",
+            "fd00::/8",
+            "--public_bind_to_any=false",
+            "--discovery_refresh",
+            "500ms",
+            "discover",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(c.flags.role, RoleArg::Scheduler);
+        assert!(!c.flags.public_bind_to_any);
+        assert_eq!(c.flags.discovery_refresh, Duration::from_millis(500));
+        assert!(matches!(c.command, Some(Command::Discover { json: true })));
+    }
+
+    #[test]
+    fn bad_values_name_the_problem() {
+        let e = parse(&["--private_port", "64000"]).unwrap_err().to_string();
+        assert!(e.contains("65000") && e.contains("66000"), "{e}");
+        let e = parse(&["--private_ip_selector", "10.0.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--private_ip_selector"), "{e}");
+        let e = parse(&["--discovery_refresh", "10h"]).unwrap_err().to_string();
+        assert!(e.contains("ms, s or m"), "{e}");
+        let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
+        assert!(e.contains("gcp") && e.contains("static"), "{e}");
+    }
+}

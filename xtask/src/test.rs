@@ -1,0 +1,25 @@
+//! `cargo xtask test`: everything CI checks, in the order a developer wants to see failures.
+
+use crate::sh;
+
+/// Runs fmt, clippy and every test.
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    if let Some(a) = args.first() {
+        anyhow::bail!("`cargo xtask test` takes no arguments, got `{a}`");
+    }
+    // The multi-host tests run nodes in network namespaces.
+    sh::ensure_debian_packages(&[("ip", "iproute2")])?;
+
+    let mut fmt = sh::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    sh::run(fmt)?;
+
+    let mut clippy = sh::cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    sh::run(clippy)?;
+
+    let mut test = sh::cargo();
+    test.args(["test", "--workspace"]);
+    sh::run(test)?;
+    Ok(())
+}
