@@ -604,7 +604,7 @@ fn encode_continue(rv: u64, after: &str) -> String {
 }
 
 fn decode_continue(token: &str) -> Option<(u64, String)> {
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())
@@ -771,11 +771,9 @@ fn list(
     if take < matching.len() {
         metadata["continue"] = json!(encode_continue(rv, matching[take - 1].0));
         metadata["remainingItemCount"] = json!(matching.len() - take);
-        if !s.snapshots.contains_key(&rv) {
-            s.snapshots.insert(rv, snapshot.clone());
-            while s.snapshots.len() > 64 {
-                s.snapshots.pop_first();
-            }
+        s.snapshots.entry(rv).or_insert_with(|| snapshot.clone());
+        while s.snapshots.len() > 64 {
+            s.snapshots.pop_first();
         }
     }
     let items: Vec<Value> = matching[..take]

@@ -68,8 +68,7 @@ impl Node {
     fn last(&self, port: u16) -> Option<LoggedList> {
         parse_logged_lists(&self.text())
             .into_iter()
-            .filter(|l| l.port() == Some(port))
-            .next_back()
+            .rfind(|l| l.port() == Some(port))
     }
 
     fn me(&self) -> uuid::Uuid {
