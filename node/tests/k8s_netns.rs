@@ -77,20 +77,21 @@ fn pods_on_namespace_hosts_form_both_clusters_and_deleted_pods_are_dropped() {
                 .all(|(_, id)| logs.last(*id, 9081).is_some_and(|l| l.size == 2))
     })
     .unwrap();
-    let logs = bed.logs();
-    for (_, id) in &ids[2..] {
-        assert!(
-            logs.last(*id, 9081).is_none(),
-            "a worker joined the scheduler cluster"
-        );
+    {
+        let logs = bed.logs();
+        for (_, id) in &ids[2..] {
+            assert!(
+                logs.last(*id, 9081).is_none(),
+                "a worker joined the scheduler cluster"
+            );
+        }
+        // Every member address is a namespace host's, as the pods said.
+        let hosts: Vec<String> = bed.hosts().iter().map(|h| h.ip.to_string()).collect();
+        let last = logs.last(ids[0].1, 10081).unwrap();
+        for m in &last.members {
+            assert!(hosts.contains(&m.addr.ip().to_string()), "{m:?}");
+        }
     }
-    // Every member address is a namespace host's, as the pods said.
-    let hosts: Vec<String> = bed.hosts().iter().map(|h| h.ip.to_string()).collect();
-    let last = logs.last(ids[0].1, 10081).unwrap();
-    for m in &last.members {
-        assert!(hosts.contains(&m.addr.ip().to_string()), "{m:?}");
-    }
-    drop(logs);
 
     // Deleted pod, SIGTERM to its container: a leave.
     let (name, id) = ids[4].clone();
