@@ -174,3 +174,60 @@ pub fn endpoint_slices<'a>(
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn ctx() -> Context {
+        Context::standalone(
+            "t",
+            Role::Worker,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            8081,
+            None,
+        )
+    }
+
+    fn from(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_private_port_that_leaves_no_room_for_the_cluster_ports_is_refused() {
+        let p = from(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "ports": [{"name": "private", "containerPort": 64000}]}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.1"},
+        }));
+        let x = pod(&ctx(), true, &p).unwrap_err();
+        assert!(x.reason.contains("63535"), "{}", x.reason);
+    }
+
+    #[test]
+    fn peers_outside_the_selector_still_count_because_pod_ips_come_from_the_api() {
+        let mut c = ctx();
+        c.selector = Some("127.0.0.1/32".parse().unwrap());
+        let p = from(serde_json::json!({
+            "metadata": {"name": "p"},
+            "status": {"phase": "Running", "podIP": "10.1.0.2"},
+        }));
+        assert_eq!(pod(&c, true, &p).unwrap().ip.to_string(), "10.1.0.2");
+    }
+
+    #[test]
+    fn an_address_in_two_slices_counts_once_and_nil_ready_means_ready() {
+        let s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.3"]}],
+        }))
+        .unwrap();
+        let r = endpoint_slices(&ctx(), false, [&s, &s]);
+        assert_eq!(r.candidates.len(), 1);
+        assert!(r.excluded.is_empty());
+        assert_eq!(r.candidates[0].port, 8081);
+    }
+}

@@ -383,34 +383,22 @@ impl FakeApi {
         Ok(())
     }
 
-    /// Writes a kubeconfig for this server with a token user and a context namespace.
+    /// Writes a kubeconfig for this server with a token user and a context namespace; the CA
+    /// goes next to it as `<path>.ca.crt`, referenced by `certificate-authority`.
     pub fn write_kubeconfig(
         &self,
         path: &Path,
         token: &str,
         namespace: &str,
     ) -> Result<(), FakeError> {
-        use std::fmt::Write as _;
-        let mut ca_b64 = String::new();
-        for chunk in self.ca_pem.as_bytes().chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-            const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    ca_b64.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    ca_b64.push('=');
-                }
-            }
-        }
-        let mut text = String::new();
-        let _ = write!(
-            text,
-            "# A kubeconfig written by k8s-fake for one test.\napiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n    certificate-authority-data: {ca_b64}\nusers:\n- name: tester\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: {namespace}\ncurrent-context: fake\n",
-            self.url()
+        let mut ca_path = path.as_os_str().to_owned();
+        ca_path.push(".ca.crt");
+        let ca_path = std::path::PathBuf::from(ca_path);
+        std::fs::write(&ca_path, &self.ca_pem)?;
+        let text = format!(
+            "# A kubeconfig written by k8s-fake for one test.\napiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: tester\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: {namespace}\ncurrent-context: fake\n",
+            self.url(),
+            ca_path.display()
         );
         std::fs::write(path, text)?;
         Ok(())
