@@ -306,6 +306,7 @@ async fn the_watch_follows_pod_changes_within_a_second() {
     })
     .await;
     assert!(took < Duration::from_secs(1));
+    eprintln!("an added pod reached the candidate set after {took:?}");
 
     // A pod that loses the label leaves the selection (the server sends DELETED).
     f.put_pod(NS, &running_pod("a", "10.0.6.1", &[("app", "y")]));
