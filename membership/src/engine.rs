@@ -135,6 +135,38 @@ pub struct Stats {
     pub leaves: u64,
     /// Times this member renewed its identity after being declared down.
     pub rejoins: u64,
+    /// Members this node's view moved from alive to suspect.
+    pub suspicions_raised: u64,
+    /// Suspects this node's view saw alive again (the member refuted the suspicion).
+    pub suspicions_refuted: u64,
+    /// Direct probes (ping to ack) answered, by round-trip time: `probe_rtt_buckets[i]` counts
+    /// answers within `PROBE_RTT_BOUNDS[i]`; the last entry counts the slower ones.
+    pub probe_rtt_buckets: [u64; PROBE_RTT_BOUNDS.len() + 1],
+    /// The sum of the round-trip times counted in `probe_rtt_buckets`.
+    pub probe_rtt_sum: Duration,
+}
+
+/// Upper bounds of the probe round-trip buckets in [`Stats::probe_rtt_buckets`].
+pub const PROBE_RTT_BOUNDS: [Duration; 8] = [
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+];
+
+impl Stats {
+    fn probe_answered(&mut self, rtt: Duration) {
+        let i = PROBE_RTT_BOUNDS
+            .iter()
+            .position(|b| rtt <= *b)
+            .unwrap_or(PROBE_RTT_BOUNDS.len());
+        self.probe_rtt_buckets[i] += 1;
+        self.probe_rtt_sum += rtt;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -187,6 +219,8 @@ pub struct Engine {
     rng: StdRng,
     left: bool,
     stats: Stats,
+    suspects: Vec<NodeId>,
+    probe: Option<(foca::ProbeNumber, NodeId, Duration)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -232,6 +266,8 @@ impl Engine {
             rng,
             left: false,
             stats: Stats::default(),
+            suspects: Vec::new(),
+            probe: None,
             cfg,
         }
     }
@@ -639,12 +675,49 @@ impl Engine {
                     // Alone again: try every candidate right away.
                     self.joins.clear();
                 }
+                OwnedNotification::DataSent(h) => {
+                    if let foca::Message::Ping(n) = h.message {
+                        self.probe = Some((n, h.dst, self.now));
+                    }
+                }
+                OwnedNotification::DataReceived(h) => {
+                    if let (foca::Message::Ack(n), Some((p, to, at))) = (h.message, self.probe)
+                        && n == p
+                        && h.src == to
+                    {
+                        self.probe = None;
+                        self.stats.probe_answered(self.now.saturating_sub(at));
+                    }
+                }
                 _ => {}
             }
         }
+        self.count_suspicions();
         if !self.left {
             self.reconcile();
         }
+    }
+
+    /// foca reports no suspicions, so the engine compares the suspects in its view with the
+    /// last ones it saw: a new suspect is a suspicion raised, a former suspect seen alive is a
+    /// suspicion refuted. A suspicion that starts and ends between two calls is not seen.
+    fn count_suspicions(&mut self) {
+        let mut now_suspect = Vec::new();
+        let mut refuted = 0;
+        for m in self.foca.iter_membership_state() {
+            match m.state() {
+                foca::State::Suspect => now_suspect.push(*m.id()),
+                foca::State::Alive if self.suspects.contains(m.id()) => refuted += 1,
+                _ => {}
+            }
+        }
+        let raised = now_suspect
+            .iter()
+            .filter(|id| !self.suspects.contains(id))
+            .count();
+        self.stats.suspicions_raised += raised as u64;
+        self.stats.suspicions_refuted += refuted;
+        self.suspects = now_suspect;
     }
 
     /// The oldest member issues a new list version whenever its view changes; the others

@@ -414,4 +414,30 @@ mod tests {
         assert!(s.run_until(s.now() + secs(10), |s| s.converged(&all)));
         assert!(!s.list(0).unwrap().contains(old));
     }
+
+    #[test]
+    fn stats_count_suspicions_refutations_and_probe_round_trips() {
+        let mut s = sim(8);
+        let all = s.add_nodes(3);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        s.set_loss(0.10);
+        s.run_for(secs(120));
+        let stats: Vec<_> = s
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .map(|e| e.stats().clone())
+            .collect();
+        let raised: u64 = stats.iter().map(|st| st.suspicions_raised).sum();
+        let refuted: u64 = stats.iter().map(|st| st.suspicions_refuted).sum();
+        assert!(raised > 0, "10% loss for 2 minutes must raise suspicions");
+        assert!(
+            refuted > 0 && refuted <= raised,
+            "raised {raised}, refuted {refuted}"
+        );
+        for st in &stats {
+            let probes: u64 = st.probe_rtt_buckets.iter().sum();
+            assert!(probes > 100, "a member probes twice a second: {probes}");
+        }
+    }
 }
