@@ -94,7 +94,12 @@ pub struct LogFlags {
     pub log_target: LogTarget,
 
     /// SYSLOG_IDENTIFIER of journal entries written through journald's native protocol.
-    #[arg(long = "syslog_identifier", env = "NODE_SYSLOG_IDENTIFIER", default_value = "node", global = true)]
+    #[arg(
+        long = "syslog_identifier",
+        env = "NODE_SYSLOG_IDENTIFIER",
+        default_value = "node",
+        global = true
+    )]
     pub syslog_identifier: String,
 }
 
@@ -168,7 +173,11 @@ pub struct Flags {
     pub discovery: DiscoveryArg,
 
     /// CIDR that holds this node's private IP, IPv4 or IPv6; when absent, the host's only private address.
-    #[arg(long = "private_ip_selector", env = "NODE_PRIVATE_IP_SELECTOR", global = true)]
+    #[arg(
+        long = "private_ip_selector",
+        env = "NODE_PRIVATE_IP_SELECTOR",
+        global = true
+    )]
     pub private_ip_selector: Option<IpNetwork>,
 
     /// Internal API port; the scheduler cluster uses +1000 and the all-instances cluster +2000.
@@ -184,7 +193,12 @@ pub struct Flags {
     pub public_bind_to_any: bool,
 
     /// Nodes with another cluster name are never merged.
-    #[arg(long = "cluster_name", env = "NODE_CLUSTER_NAME", default_value = "default", global = true)]
+    #[arg(
+        long = "cluster_name",
+        env = "NODE_CLUSTER_NAME",
+        default_value = "default",
+        global = true
+    )]
     pub cluster_name: String,
 
     /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
@@ -196,7 +210,10 @@ pub struct Flags {
     pub static_: backends::static_::StaticFlags,
 
     /// Logging.
-    #[command(flatten, next_help_heading = "Logging (levels from RUST_LOG, default info)")]
+    #[command(
+        flatten,
+        next_help_heading = "Logging (levels from RUST_LOG, default info)"
+    )]
     pub log: LogFlags,
 }
 
@@ -247,7 +264,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--private_ip_selector"), "{e}");
-        let e = parse(&["--discovery_refresh", "10h"]).unwrap_err().to_string();
+        let e = parse(&["--discovery_refresh", "10h"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ms, s or m"), "{e}");
         let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
         assert!(e.contains("gcp") && e.contains("static"), "{e}");

@@ -106,7 +106,10 @@ async fn members(State(state): State<ApiState>) -> Json<MembersJson> {
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
         state.metrics.render(),
     )
 }

@@ -96,7 +96,9 @@ async fn bind_tcp(
     what: &'static str,
     flag: &'static str,
 ) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|e| bind_error(addr, what, flag, e))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(addr, what, flag, e))
 }
 
 async fn bind_udp(
@@ -104,7 +106,9 @@ async fn bind_udp(
     what: &'static str,
     flag: &'static str,
 ) -> Result<UdpSocket, NodeError> {
-    UdpSocket::bind(addr).await.map_err(|e| bind_error(addr, what, flag, e))
+    UdpSocket::bind(addr)
+        .await
+        .map_err(|e| bind_error(addr, what, flag, e))
 }
 
 fn bind_error(addr: SocketAddr, what: &'static str, flag: &'static str, e: io::Error) -> NodeError {

@@ -53,7 +53,8 @@ pub fn choose(flags: &LogFlags, journal_stream: Option<&str>) -> Sink {
 /// An explicit `--log_target journald` that cannot reach journald is an error; a journald
 /// chosen automatically falls back to stderr with a warning.
 pub fn init(flags: &LogFlags, default_level: &str) -> Result<Sink, NodeError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let journal_stream = std::env::var("JOURNAL_STREAM").ok();
     let mut sink = choose(flags, journal_stream.as_deref());
     let mut fallback = None;

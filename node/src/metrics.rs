@@ -50,8 +50,7 @@ impl RefreshObserver for DiscoveryMetrics {
         match outcome {
             Ok(n) => {
                 self.refreshes.get_or_create(&[("outcome", "ok")]).inc();
-                self.candidates
-                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+                self.candidates.set(i64::try_from(n).unwrap_or(i64::MAX));
             }
             Err(e) => {
                 self.refreshes.get_or_create(&[("outcome", "error")]).inc();
@@ -103,7 +102,10 @@ impl Collector for ClusterCollector {
             .map(|v| v.read().unwrap_or_else(|p| p.into_inner()).clone())
             .collect();
         let rows = |f: &dyn Fn(&crate::cluster::ClusterView) -> u64| -> Vec<(Labels, u64)> {
-            views.iter().map(|v| ([("cluster", v.name)], f(v))).collect()
+            views
+                .iter()
+                .map(|v| ([("cluster", v.name)], f(v)))
+                .collect()
         };
         let as_i64 = |rows: Vec<(Labels, u64)>| -> Vec<(Labels, i64)> {
             rows.into_iter()
@@ -149,14 +151,26 @@ impl Collector for ClusterCollector {
         counter(
             &mut enc,
             "node_cluster_suspicions_raised",
-            "Members this node's view moved from alive to suspect.",
+            "Probes of other members that failed: suspicions this node raised.",
             &rows(&|v| v.stats.suspicions_raised),
         )?;
         counter(
             &mut enc,
             "node_cluster_suspicions_refuted",
-            "Suspects this node's view saw alive again.",
+            "Suspicions about this node that it refuted.",
             &rows(&|v| v.stats.suspicions_refuted),
+        )?;
+        counter(
+            &mut enc,
+            "node_cluster_suspicion_confirmations",
+            "Independent confirmations of suspicions received (Lifeguard).",
+            &rows(&|v| v.stats.confirmations),
+        )?;
+        gauge(
+            &mut enc,
+            "node_cluster_local_health",
+            "Lifeguard's local health score; 0 is healthy, higher means this node is slow.",
+            &as_i64(rows(&|v| u64::from(v.stats.health))),
         )?;
         counter(
             &mut enc,
