@@ -160,8 +160,11 @@ fn valid_name(n: &str) -> bool {
         && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == ':')
 }
 
+/// Label names and values, in the order given.
+type LabelPairs = Vec<(String, String)>;
+
 /// Parses `{a="x",b="y"}`; returns the labels and the rest of the line.
-fn parse_labels(s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(s: &str) -> Result<(LabelPairs, &str), String> {
     let mut labels = Vec::new();
     let mut rest = s.strip_prefix('{').ok_or("labels must start with {")?;
     loop {
