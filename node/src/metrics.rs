@@ -292,3 +292,32 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_rounds_are_counted_by_outcome_and_error_kind() {
+        let (m, d) = Metrics::new(Vec::new());
+        d.round(Duration::from_millis(30), Ok(3));
+        let denied = DiscoveryError::Unauthorized {
+            backend: "aws",
+            message: "grant ec2:DescribeInstances".into(),
+        };
+        d.round(Duration::from_millis(20), Err(&denied));
+        d.round(Duration::from_millis(20), Err(&denied));
+        let text = m.render();
+        for line in [
+            "node_discovery_refreshes_total{outcome=\"ok\"} 1",
+            "node_discovery_refreshes_total{outcome=\"error\"} 2",
+            "node_discovery_errors_total{kind=\"unauthorized\"} 2",
+            "node_discovery_candidates 3",
+            "node_discovery_refresh_latency_seconds_count 3",
+            "node_discovery_refresh_latency_seconds_bucket{le=\"0.05\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
