@@ -337,7 +337,7 @@ fn metrics_members_and_sd_notify_on_a_two_node_cluster() {
         "not listening at READY=1"
     );
 
-    let _b = Node::start("127.0.0.72", 8291, peers, &[], &[]);
+    let b = Node::start("127.0.0.72", 8291, peers, &["--log_format", "json"], &[]);
     let api = "127.0.0.71:8291";
     let v = wait_for(Duration::from_secs(20), || {
         members_json(api).filter(|v| v["clusters"][0]["members"].as_array().unwrap().len() == 2)
@@ -448,6 +448,21 @@ fn metrics_members_and_sd_notify_on_a_two_node_cluster() {
     ] {
         assert!(s.contains_key(key), "missing {key}");
     }
+
+    // `--log_format json`: one object per line; a member list is one record, lines kept.
+    let lists: Vec<String> = b
+        .text()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|v| v["target"] == "members")
+        .map(|v| v["fields"]["message"].as_str().unwrap().to_owned())
+        .collect();
+    let last = lists.last().expect("a member record");
+    assert!(last.starts_with("Members {size:2, ver:"), "{last}");
+    assert_eq!(last.matches("\n\tMember [").count(), 2, "{last}");
+    assert!(last.ends_with("\n]"), "{last}");
 
     // SIGTERM: STOPPING=1, a graceful leave, exit 0.
     let status = a
