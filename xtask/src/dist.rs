@@ -23,7 +23,7 @@ struct Options {
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         binary: None,
-        out: sh::root().join("target").join("dist"),
+        out: target_dir().join("dist"),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -231,6 +231,37 @@ mod tests {
         assert_eq!(said, "cluster-node\n");
         let unit = std::fs::read_to_string(root.join("lib/systemd/system/worker.service")).unwrap();
         assert!(unit.contains("ExecStart=/usr/bin/cluster-node --role worker"));
+
+        // `dpkg -i` into a throwaway root with its own package database.
+        let sys = dir.join("sys");
+        for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+            std::fs::create_dir_all(sys.join(d)).unwrap();
+        }
+        std::fs::write(sys.join("var/lib/dpkg/status"), "").unwrap();
+        let root_arg = format!("--root={}", sys.display());
+        run_ok(
+            Command::new("dpkg")
+                .args([
+                    &root_arg,
+                    "--force-depends",
+                    "--force-not-root",
+                    "--log=/dev/null",
+                    "-i",
+                ])
+                .arg(&deb),
+        );
+        let files = run_ok(Command::new("dpkg").args([&root_arg, "-L", "cluster-node"]));
+        assert!(
+            files.lines().any(|l| l == "/usr/bin/cluster-node"),
+            "{files}"
+        );
+        assert!(sys.join("etc/default/cluster-node").is_file());
+        let status = std::fs::read_to_string(sys.join("var/lib/dpkg/status")).unwrap();
+        assert!(status.contains("Status: install ok installed"), "{status}");
+        assert!(
+            status.contains("Conffiles:\n /etc/default/cluster-node "),
+            "{status}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

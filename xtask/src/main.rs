@@ -19,7 +19,7 @@ commands:
   demo    start 2 schedulers and 3 workers on 127.0.0.11-15, show the cluster forming,
           kill one worker with SIGKILL, show its removal, then stop (Ctrl-C stops early)
   dist    build a release binary and a .deb (cluster-node: binary, systemd units,
-          /etc/default/cluster-node) in target/dist; --binary PATH packages a built
+          /etc/default/cluster-node) in <target dir>/dist; --binary PATH packages a built
           binary instead, --out DIR puts the .deb elsewhere
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
           and every test
