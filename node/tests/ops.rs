@@ -694,6 +694,56 @@ fn check_real_journald() {
     assert!(member_lines.iter().all(|l| l.starts_with(' ')), "{all}");
     // Nothing went to stderr but what precedes the logger.
     assert!(!a.text().contains("Member ["), "{}", a.text());
+    drop(a);
+    check_journal_stream_selects_journald();
+}
+
+/// Under systemd, `JOURNAL_STREAM` names stderr's `dev:ino`; `--log_target auto` (the default)
+/// then writes through the native protocol instead of stderr.
+fn check_journal_stream_selects_journald() {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = identifier("stream");
+    let path = std::env::temp_dir().join(format!("{id}.stderr"));
+    let file = std::fs::File::create(&path).unwrap();
+    let m = file.metadata().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "--discovery",
+            "static",
+            "--private_ip_selector",
+            "127.0.0.76/32",
+        ])
+        .args([
+            "--private_port",
+            "8294",
+            "--static_members",
+            "127.0.0.76:8294",
+        ])
+        .args(["--syslog_identifier", &id])
+        .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let cmd =
+        format!("journalctl SYSLOG_IDENTIFIER={id} TARGET=members --no-pager | grep '^ *Member'");
+    let found = wait_for(Duration::from_secs(10), || {
+        let out = Command::new("sh").args(["-c", &cmd]).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("Member [127.0.0.76]:10294 - ")
+            .then_some(text)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        found.is_some(),
+        "no journal entry for {id}; stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("Members {"), "{stderr}");
 }
 
 /// Reads journald native-protocol datagrams: `KEY=value\n` or `KEY\n<u64 LE length><value>\n`.
