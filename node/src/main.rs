@@ -58,13 +58,13 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Members { .. }) => "warn",
         _ => "info",
     };
-    node::logging::init(&cli.flags.log, level)?;
+    let sink = node::logging::init(&cli.flags.log, level)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Some(Command::Discover { json }) => {
                 let report = node::discover(&cli.flags).await?;
@@ -90,5 +90,12 @@ fn run() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    });
+    if let Err(e) = &result
+        && sink == node::logging::Sink::Stderr(node::cli::LogFormat::Json)
+    {
+        // Log shippers read only JSON; `main` still prints the plain line for people.
+        tracing::error!("{e:#}");
+    }
+    result
 }
