@@ -177,6 +177,37 @@ fn every_manifest_parses_strictly_and_fits_together() {
 }
 
 #[test]
+fn the_minimal_example_in_deploy_kubernetes_parses_strictly_too() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("deploy/kubernetes exists") {
+        let path = entry.unwrap().path();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for de in serde_yaml::Deserializer::from_str(&text) {
+            let doc = Value::deserialize(de).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match doc["kind"].as_str() {
+                Some("ServiceAccount") => {
+                    let _ = strict::<ServiceAccount>(&doc, &name);
+                }
+                Some("Role") => {
+                    let _ = strict::<Role>(&doc, &name);
+                }
+                Some("RoleBinding") => {
+                    let _ = strict::<RoleBinding>(&doc, &name);
+                }
+                Some("Deployment") => {
+                    let _ = strict::<Deployment>(&doc, &name);
+                }
+                other => panic!("{name}: unexpected kind {other:?}"),
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
+}
+
+#[test]
 fn a_misspelt_field_is_caught() {
     let doc = serde_json::json!({
         "apiVersion": "v1", "kind": "ServiceAccount",
