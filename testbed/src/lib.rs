@@ -676,6 +676,17 @@ impl Testbed {
         let _ = c.wait();
     }
 
+    /// The process id, for `/proc` readings such as its RSS.
+    pub fn pid(&self, id: ProcId) -> u32 {
+        lock(&self.procs[id.0].child).id()
+    }
+
+    /// Sends a signal by name (`INT`, `HUP`, ...) without waiting.
+    pub fn signal(&self, id: ProcId, sig: &str) {
+        let pid = lock(&self.procs[id.0].child).id().to_string();
+        let _ = run(["kill", &format!("-{sig}"), &pid]);
+    }
+
     /// Sends SIGTERM, for a graceful stop; does not wait.
     pub fn terminate(&self, id: ProcId) {
         let pid = lock(&self.procs[id.0].child).id().to_string();
