@@ -677,6 +677,11 @@ impl Engine {
 
     fn on_pull(&mut self, msg: PullMsg) {
         self.max_seen = self.max_seen.max(msg.have_ver);
+        if msg.have_coordinator != self.me.uuid && msg.have_ver >= self.list.ver {
+            // The puller holds another coordinator's list at our version or above (two
+            // coordinators issued at once); it adopts only a higher version, so issue one.
+            self.max_seen = self.max_seen.max(msg.have_ver + 1);
+        }
         self.reconcile();
         if self.coordinator == self.me.uuid
             && (msg.have_ver < self.list.ver || msg.have_coordinator != self.me.uuid)
