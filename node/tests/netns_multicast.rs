@@ -117,6 +117,20 @@ fn one_scheduler_and_two_workers_find_each_other_over_multicast_alone() {
         assert_eq!(this.len(), 1);
         assert_eq!(this[0].addr.ip(), bed.host(i).ip);
     }
+    // `node discover` on host 0 hears the two other nodes (its own host's node does not loop
+    // back without --multicast_loopback).
+    let cidr = bed.cidr();
+    let args = [BIN, "discover", "--discovery", "multicast"];
+    let out = bed
+        .exec(0, &[&args[..], &["--private_ip_selector", &cidr]].concat())
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "node discover failed: {out:?}");
+    assert!(text.starts_with("candidates (2):"), "{text}");
+    for h in 1..3 {
+        let want = format!("{}:8081", bed.host(h).ip);
+        assert!(text.contains(&want), "{want} missing from:\n{text}");
+    }
 }
 
 #[test]
