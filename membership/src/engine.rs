@@ -1007,3 +1007,51 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::Role;
+
+    #[test]
+    fn a_member_holding_another_coordinators_list_at_our_version_gets_a_higher_one() {
+        let a = NodeId::new(
+            "10.0.0.1:10081".parse().unwrap(),
+            Uuid::from_u128(1),
+            1,
+            Role::Worker,
+        );
+        let b = NodeId::new(
+            "10.0.0.2:10081".parse().unwrap(),
+            Uuid::from_u128(2),
+            2,
+            Role::Worker,
+        );
+        let mut e = Engine::new(a, 7, Config::lan(), 1, Duration::ZERO);
+        // Alone, `a` is its own coordinator; it has issued ver 2 while `b`, coordinating a
+        // different view at the same moment, also issued a ver 2.
+        e.list.ver = 2;
+        e.max_seen = 2;
+        e.coordinator = a.uuid;
+        e.on_pull(PullMsg {
+            from: b,
+            have_ver: 2,
+            have_coordinator: b.uuid,
+        });
+        assert!(
+            e.list.ver > 2,
+            "ver stayed {}: b would never adopt it",
+            e.list.ver
+        );
+        assert_eq!(e.list.coordinator, a.uuid);
+        // A member that already holds our list at our version causes no new version.
+        let ver = e.list.ver;
+        e.now += Duration::from_secs(1);
+        e.on_pull(PullMsg {
+            from: b,
+            have_ver: ver,
+            have_coordinator: a.uuid,
+        });
+        assert_eq!(e.list.ver, ver);
+    }
+}
