@@ -43,3 +43,42 @@ pub fn build(flags: &MulticastFlags, ctx: Context) -> Result<Arc<dyn Discover>, 
     };
     Ok(Arc::new(MulticastDiscovery::new(cfg, ctx)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::Cli;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("node").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_the_issue() {
+        let f = parse(&[]).unwrap().flags.multicast;
+        assert_eq!(f.multicast_group.to_string(), "224.2.2.3");
+        assert_eq!(f.multicast_port, 54327);
+        assert_eq!(f.multicast_ttl, 1);
+        assert!(!f.multicast_loopback);
+        let f = parse(&["--multicast_loopback", "--multicast_ttl", "2"])
+            .unwrap()
+            .flags
+            .multicast;
+        assert!(f.multicast_loopback);
+        assert_eq!(f.multicast_ttl, 2);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for args in [
+            &["--multicast_ttl", "0"][..],
+            &["--multicast_ttl", "256"],
+            &["--multicast_port", "0"],
+            &["--multicast_group", "224.2.2"],
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(args[0]), "{e}");
+        }
+    }
+}
