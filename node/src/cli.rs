@@ -213,6 +213,13 @@ pub struct Flags {
     #[command(flatten, next_help_heading = "Kubernetes discovery (--discovery=k8s)")]
     pub k8s: backends::k8s::K8sFlags,
 
+    /// Multicast discovery.
+    #[command(
+        flatten,
+        next_help_heading = "Multicast discovery (--discovery=multicast)"
+    )]
+    pub multicast: backends::multicast::MulticastFlags,
+
     /// Logging.
     #[command(
         flatten,
