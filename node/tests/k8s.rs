@@ -2,27 +2,20 @@
 //! fake, whose pods carry the nodes' addresses (127.0.0.41-45). They form both clusters; a pod
 //! deleted in the fake leaves (SIGTERM, as the kubelet does) or dies (SIGKILL) and is dropped.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use k8s_fake::{FakeApi, running_pod};
-use membership::{LoggedList, parse_logged_lists};
+use membership::LoggedList;
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+mod common;
+use common::{BIN, Node, wait_until};
 const NS: &str = "builds";
 const TOKEN: &str = "e2e-token";
 const APP: (&str, &str) = ("app", "cluster-start");
 const ROLE: &str = "app.kubernetes.io/component";
-
-/// A node process whose stderr is collected; killed when dropped.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
 
 fn node_command(fake: &FakeApi, sa_dir: &Path, role: &str, ip: &str) -> Command {
     let mut c = Command::new(BIN);
@@ -41,68 +34,9 @@ fn node_command(fake: &FakeApi, sa_dir: &Path, role: &str, ip: &str) -> Command 
     c
 }
 
-impl Node {
-    fn start(fake: &FakeApi, sa_dir: &Path, role: &str, ip: &str) -> Node {
-        let mut child = node_command(fake, sa_dir, role, ip)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start node");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        Node { child, log }
-    }
-
-    fn text(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn last(&self, port: u16) -> Option<LoggedList> {
-        parse_logged_lists(&self.text())
-            .into_iter()
-            .rfind(|l| l.port() == Some(port))
-    }
-
-    fn me(&self) -> uuid::Uuid {
-        self.last(10081)
-            .and_then(|l| l.members.into_iter().find(|m| m.this))
-            .expect("a logged list")
-            .uuid
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(within: Duration, mut pred: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if pred() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    pred()
+/// Starts a node that finds its peers through the fake API.
+fn start(fake: &FakeApi, sa_dir: &Path, role: &str, ip: &str) -> Node {
+    Node::spawn(node_command(fake, sa_dir, role, ip))
 }
 
 fn logs(nodes: &[&Node]) -> String {
@@ -190,7 +124,7 @@ fn nodes_find_each_other_through_the_fake_api_and_drop_deleted_pods() {
 
     let nodes: Vec<Node> = pods
         .iter()
-        .map(|(_, ip, role)| Node::start(&fake, dir.path(), role, ip))
+        .map(|(_, ip, role)| start(&fake, dir.path(), role, ip))
         .collect();
     let refs: Vec<&Node> = nodes.iter().collect();
     let formed = wait_until(Duration::from_secs(20), || {
@@ -218,7 +152,7 @@ fn nodes_find_each_other_through_the_fake_api_and_drop_deleted_pods() {
     );
 
     // The kubelet's way: the pod is deleted and its container gets SIGTERM, so it leaves.
-    let c = nodes[4].me();
+    let c = nodes[4].me(10081);
     assert!(fake.delete_pod(NS, "worker-c"));
     nodes[4].signal("TERM");
     let left = wait_until(Duration::from_secs(10), || {
@@ -230,7 +164,7 @@ fn nodes_find_each_other_through_the_fake_api_and_drop_deleted_pods() {
     assert!(left, "worker-c's leave was not logged:\n{}", logs(&refs));
 
     // A pod that dies without a word (node lost): the failure detector removes it.
-    let b = nodes[3].me();
+    let b = nodes[3].me(10081);
     nodes[3].signal("KILL");
     assert!(fake.delete_pod(NS, "worker-b"));
     let dropped = wait_until(Duration::from_secs(30), || {

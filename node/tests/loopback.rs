@@ -1,100 +1,24 @@
 //! Process tests on loopback: real `node` binaries on 127.0.0.21-24 with static discovery.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use membership::{LoggedList, parse_logged_lists};
+use membership::LoggedList;
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+mod common;
+use common::{BIN, Node, wait_until};
 
-/// A node process whose stderr is collected; killed when dropped.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    ip: &'static str,
-}
-
-impl Node {
-    fn start(role: &str, ip: &'static str, peers: &str) -> Node {
-        let mut child = Command::new(BIN)
-            .args(["--role", role, "--discovery", "static"])
-            .args(["--private_ip_selector", &format!("{ip}/32")])
-            .args(["--static_members", peers])
-            .args(["--public_port", "18080", "--public_bind_to_any=false"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start node");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        Node { child, log, ip }
-    }
-
-    fn text(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Every list this node logged for the cluster on `port`.
-    fn lists(&self, port: u16) -> Vec<LoggedList> {
-        parse_logged_lists(&self.text())
-            .into_iter()
-            .filter(|l| l.port() == Some(port))
-            .collect()
-    }
-
-    fn last(&self, port: u16) -> Option<LoggedList> {
-        self.lists(port).pop()
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_until(within: Duration, mut pred: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if pred() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    pred()
+/// Starts a node on `ip` with static discovery.
+fn start(role: &str, ip: &'static str, peers: &str) -> Node {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--role", role, "--discovery", "static"])
+        .args(["--private_ip_selector", &format!("{ip}/32")])
+        .args(["--static_members", peers])
+        .args(["--public_port", "18080", "--public_bind_to_any=false"])
+        .env("RUST_LOG", "info");
+    Node::spawn(cmd)
 }
 
 fn http_get(addr: &str, path: &str) -> String {
@@ -113,13 +37,17 @@ fn http_get(addr: &str, path: &str) -> String {
 #[test]
 fn one_scheduler_and_two_workers_form_both_clusters_and_log_a_leave() {
     let peers = "127.0.0.21,127.0.0.22,127.0.0.23";
-    let sched = Node::start("scheduler", "127.0.0.21", peers);
-    let w1 = Node::start("worker", "127.0.0.22", peers);
-    let mut w2 = Node::start("worker", "127.0.0.23", peers);
-    let nodes = [&sched, &w1, &w2];
+    let sched = start("scheduler", "127.0.0.21", peers);
+    let w1 = start("worker", "127.0.0.22", peers);
+    let mut w2 = start("worker", "127.0.0.23", peers);
+    let nodes = [
+        (&sched, "127.0.0.21"),
+        (&w1, "127.0.0.22"),
+        (&w2, "127.0.0.23"),
+    ];
 
     let converged = wait_until(Duration::from_secs(15), || {
-        let lasts: Vec<_> = nodes.iter().map(|n| n.last(10081)).collect();
+        let lasts: Vec<_> = nodes.iter().map(|(n, _)| n.last(10081)).collect();
         lasts
             .iter()
             .all(|l| l.as_ref().is_some_and(|l| l.size == 3))
@@ -136,11 +64,11 @@ fn one_scheduler_and_two_workers_form_both_clusters_and_log_a_leave() {
     );
 
     // The exact layout: a tab before every member line, `this` on the node's own line only.
-    for n in nodes {
+    for (n, ip) in nodes {
         let last = n.last(10081).unwrap();
         let this: Vec<_> = last.members.iter().filter(|m| m.this).collect();
         assert_eq!(this.len(), 1);
-        assert_eq!(this[0].addr.ip().to_string(), n.ip);
+        assert_eq!(this[0].addr.ip().to_string(), ip);
         let text = n.text();
         for m in &last.members {
             let line = format!(

@@ -3,79 +3,38 @@
 //! written through journald's native protocol (a real journald when one can run).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+mod common;
+use common::{BIN, Node};
 
-/// A node process; killed when dropped. Its stderr is collected.
-struct Node {
-    child: Child,
-    log: Arc<Mutex<String>>,
+/// Starts a worker on `ip` with static discovery and extra flags and variables.
+fn start(ip: &str, port: u16, peers: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--role", "worker", "--discovery", "static"])
+        .args(["--private_ip_selector", &format!("{ip}/32")])
+        .args(["--private_port", &port.to_string()])
+        .args(["--static_members", peers])
+        .args(["--discovery_refresh", "1s"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Node::spawn(cmd)
 }
 
-impl Node {
-    fn start(ip: &str, port: u16, peers: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--role", "worker", "--discovery", "static"])
-            .args(["--private_ip_selector", &format!("{ip}/32")])
-            .args(["--private_port", &port.to_string()])
-            .args(["--static_members", peers])
-            .args(["--discovery_refresh", "1s"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start node");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        Node { child, log }
-    }
-
-    fn text(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Sends SIGTERM and waits for the exit.
+fn terminate(n: &mut Node, within: Duration) -> Option<std::process::ExitStatus> {
+    n.signal("TERM");
+    n.wait_exit(within)
 }
 
 /// One GET on loopback; the body of a 200 answer, parsed by the node's own client.
@@ -320,7 +279,7 @@ fn metrics_members_and_sd_notify_on_a_two_node_cluster() {
         .unwrap();
 
     let peers = "127.0.0.71:8291,127.0.0.72:8291";
-    let mut a = Node::start(
+    let mut a = start(
         "127.0.0.71",
         8291,
         peers,
@@ -337,7 +296,7 @@ fn metrics_members_and_sd_notify_on_a_two_node_cluster() {
         "not listening at READY=1"
     );
 
-    let b = Node::start("127.0.0.72", 8291, peers, &["--log_format", "json"], &[]);
+    let b = start("127.0.0.72", 8291, peers, &["--log_format", "json"], &[]);
     let api = "127.0.0.71:8291";
     let v = wait_for(Duration::from_secs(20), || {
         members_json(api).filter(|v| v["clusters"][0]["members"].as_array().unwrap().len() == 2)
@@ -465,9 +424,7 @@ fn metrics_members_and_sd_notify_on_a_two_node_cluster() {
     assert!(last.ends_with("\n]"), "{last}");
 
     // SIGTERM: STOPPING=1, a graceful leave, exit 0.
-    let status = a
-        .terminate(Duration::from_secs(10))
-        .expect("exits after SIGTERM");
+    let status = terminate(&mut a, Duration::from_secs(10)).expect("exits after SIGTERM");
     assert!(status.success(), "{status}");
     let n = notify.recv(&mut buf).expect("STOPPING=1");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
@@ -627,14 +584,14 @@ fn identifier(tag: &str) -> String {
 /// as expected log lines, once the list holds both.
 fn two_nodes_one_in_journald(id: &str) -> (Node, Node, Vec<String>) {
     let peers = "127.0.0.73:8293,127.0.0.75:8293";
-    let a = Node::start(
+    let a = start(
         "127.0.0.73",
         8293,
         peers,
         &["--log_target", "journald", "--syslog_identifier", id],
         &[],
     );
-    let b = Node::start("127.0.0.75", 8293, peers, &[], &[]);
+    let b = start("127.0.0.75", 8293, peers, &[], &[]);
     let v = wait_for(Duration::from_secs(20), || {
         members_json("127.0.0.73:8293")
             .filter(|v| v["clusters"][0]["members"].as_array().unwrap().len() == 2)
