@@ -154,6 +154,7 @@ pub fn backend(
         private_port: flags.private_port,
         selector: flags.private_ip_selector,
         members,
+        seal,
     };
     Ok(backends::build(flags, ctx)?)
 }
