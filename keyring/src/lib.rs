@@ -528,8 +528,13 @@ mod tests {
         let e = Keyring::parse("# only a comment\n", "f")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("holds no key") && e.contains("node keygen"), "{e}");
-        let many = std::iter::repeat_n(K1, MAX_KEYS + 1).collect::<Vec<_>>().join("\n");
+        assert!(
+            e.contains("holds no key") && e.contains("node keygen"),
+            "{e}"
+        );
+        let many = std::iter::repeat_n(K1, MAX_KEYS + 1)
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(matches!(
             Keyring::parse(&many, "f"),
             Err(KeyringError::TooManyKeys { .. })
@@ -569,7 +574,10 @@ mod tests {
         let old = s.seal_at(b"a", b"leave", now - 60_000);
         assert!(matches!(
             s.open_at(b"a", &old, now),
-            Err(KeyringError::Stale { skew_ms: -60_000, .. })
+            Err(KeyringError::Stale {
+                skew_ms: -60_000,
+                ..
+            })
         ));
         let future = s.seal_at(b"a", b"leave", now + 31_000);
         assert!(matches!(
@@ -608,7 +616,10 @@ mod tests {
         let s = sealer(K1);
         let m = s.seal(b"", b"x");
         s.replace(ring(K2));
-        assert!(matches!(s.open(b"", &m), Err(KeyringError::Unauthenticated)));
+        assert!(matches!(
+            s.open(b"", &m),
+            Err(KeyringError::Unauthenticated)
+        ));
         s.replace(ring(&format!("{K2}\n{K1}")));
         assert_eq!(s.open(b"", &m).unwrap(), b"x");
     }

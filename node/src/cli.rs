@@ -1,5 +1,6 @@
 //! The command line: every flag, its default and its `NODE_*` environment variable.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -31,6 +32,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a new random cluster key (base64) for a --cluster_key_file.
+    Keygen,
 }
 
 /// The node's role.
@@ -103,7 +106,11 @@ pub struct Flags {
     pub discovery: DiscoveryArg,
 
     /// CIDR that holds this node's private IP, IPv4 or IPv6; when absent, the host's only private address.
-    #[arg(long = "private_ip_selector", env = "NODE_PRIVATE_IP_SELECTOR", global = true)]
+    #[arg(
+        long = "private_ip_selector",
+        env = "NODE_PRIVATE_IP_SELECTOR",
+        global = true
+    )]
     pub private_ip_selector: Option<IpNetwork>,
 
     /// Internal API port; the scheduler cluster uses +1000 and the all-instances cluster +2000.
@@ -119,12 +126,26 @@ pub struct Flags {
     pub public_bind_to_any: bool,
 
     /// Nodes with another cluster name are never merged.
-    #[arg(long = "cluster_name", env = "NODE_CLUSTER_NAME", default_value = "default", global = true)]
+    #[arg(
+        long = "cluster_name",
+        env = "NODE_CLUSTER_NAME",
+        default_value = "default",
+        global = true
+    )]
     pub cluster_name: String,
 
     /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
     #[arg(long = "discovery_refresh", env = "NODE_DISCOVERY_REFRESH", default_value = "10s", value_parser = parse_duration, global = true)]
     pub discovery_refresh: Duration,
+
+    /// File of base64 cluster keys, one per line: the first seals, all open; re-read on SIGHUP.
+    /// Without it, cluster traffic is neither authenticated nor encrypted.
+    #[arg(
+        long = "cluster_key_file",
+        env = "NODE_CLUSTER_KEY_FILE",
+        global = true
+    )]
+    pub cluster_key_file: Option<PathBuf>,
 
     /// Static discovery.
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
@@ -178,7 +199,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--private_ip_selector"), "{e}");
-        let e = parse(&["--discovery_refresh", "10h"]).unwrap_err().to_string();
+        let e = parse(&["--discovery_refresh", "10h"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ms, s or m"), "{e}");
         let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
         assert!(e.contains("gcp") && e.contains("static"), "{e}");

@@ -62,6 +62,10 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         match cli.command {
+            Some(Command::Keygen) => {
+                println!("{}", keyring::generate());
+                Ok(())
+            }
             Some(Command::Discover { json }) => {
                 let report = node::discover(&cli.flags).await?;
                 print_report(&report, json)
