@@ -265,7 +265,10 @@ fn a_node_with_the_wrong_key_or_no_key_never_appears_in_any_list() {
         "plain packets of the keyless node are counted: {va:?} {vb:?}"
     );
     assert!(vc.rejected("auth_failed") > 0, "{vc:?}");
-    assert!(vd.rejected("malformed") > 0, "sealed packets are garbage to it: {vd:?}");
+    assert!(
+        vd.rejected("malformed") > 0,
+        "sealed packets are garbage to it: {vd:?}"
+    );
     for n in [&a, &b] {
         let log = n.log();
         for list in membership::parse_logged_lists(&log) {
