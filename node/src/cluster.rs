@@ -252,7 +252,6 @@ async fn run(spec: ClusterSpec, view: SharedView) {
 
 fn set_candidates(engine: &mut Engine, snap: &Snapshot, map: CandidateMap, start: Instant) {
     let addrs: Vec<SocketAddr> = snap.candidates.iter().filter_map(map).collect();
-    tracing::debug!(?addrs, "candidates");
     engine.set_candidates(addrs, start.elapsed());
 }
 

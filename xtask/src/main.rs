@@ -2,10 +2,12 @@
 //!
 //! - `cargo xtask demo`: a 5-node cluster on loopback (2 schedulers, 3 workers).
 //! - `cargo xtask test`: installs what the tests need, then fmt, clippy and every test.
+//! - `cargo xtask bench`: node against serf in network namespaces, and the simulator.
 //! - `cargo xtask fuzz`: runs every cargo-fuzz target for a while.
 
 use std::process::ExitCode;
 
+mod bench;
 mod demo;
 mod fuzz;
 mod sh;
@@ -18,6 +20,9 @@ commands:
           kill one worker with SIGKILL, show its removal, then stop (Ctrl-C stops early)
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
           and every test
+  bench [--quick] [--dry-run]
+          node against serf in network namespaces, plus the simulator at N=100..1000;
+          writes target/bench/summary.json, table.txt and bench.png (needs root)
   fuzz    [--seconds N] run every cargo-fuzz target N seconds (default 60) and print
           the executions; installs cargo-fuzz when missing (stable Rust, RUSTC_BOOTSTRAP=1)";
 
@@ -25,6 +30,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
