@@ -982,7 +982,8 @@ impl Engine {
         }
         self.last_issue = Some(self.now);
         self.issue_at = None;
-        let ver = self.list.ver.max(self.max_seen) + 1;
+        // Saturating: a peer can claim any version, and wrapping to 0 would break "ver only grows".
+        let ver = self.list.ver.max(self.max_seen).saturating_add(1);
         self.max_seen = ver;
         self.list = MemberList {
             ver,

@@ -167,3 +167,49 @@ proptest! {
         prop_assert!(e.list().members.len() <= 1 + 64, "the list stays bounded");
     }
 }
+
+/// Found by `cargo xtask fuzz` (sync_frame): a message claiming version `u64::MAX` made the
+/// next list version overflow, a panic in debug builds and a wrap to 0 in release builds.
+#[test]
+fn a_claimed_maximal_version_neither_panics_nor_wraps() {
+    let tag = 9;
+    let mut e = engine(tag);
+    let from = NodeId::new(
+        "127.0.0.2:10081".parse().unwrap(),
+        Uuid::from_u128(2),
+        5,
+        Role::Worker,
+    );
+    for (i, data) in [
+        wire::encode_pull(
+            tag,
+            &PullMsg {
+                from,
+                have_ver: u64::MAX,
+                have_coordinator: from.uuid,
+            },
+        ),
+        wire::encode_list(
+            tag,
+            &ListMsg {
+                ver: u64::MAX,
+                coordinator: from.uuid,
+                members: vec![from],
+            },
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let now = Duration::from_secs(1 + i as u64);
+        e.handle_datagram(from.addr, data, now);
+        e.handle_stream(from.addr, data, now);
+        e.tick(now + Duration::from_secs(1));
+        assert!(e.list().ver >= 1);
+    }
+    let vers: Vec<u64> = e.drain_changes().iter().map(|l| l.ver).collect();
+    assert!(
+        vers.windows(2).all(|w| w[0] <= w[1]),
+        "ver went down: {vers:?}"
+    );
+}
