@@ -221,6 +221,13 @@ pub struct Flags {
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
     pub static_: backends::static_::StaticFlags,
 
+    /// Multicast discovery.
+    #[command(
+        flatten,
+        next_help_heading = "Multicast discovery (--discovery=multicast)"
+    )]
+    pub multicast: backends::multicast::MulticastFlags,
+
     /// Logging.
     #[command(
         flatten,

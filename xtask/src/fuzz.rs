@@ -15,6 +15,7 @@ const TARGETS: &[&str] = &[
     "sync_frame",
     "sealed_message",
     "key_file",
+    "multicast_announcement",
 ];
 
 /// Runs every target and prints a table of executions.
