@@ -710,7 +710,7 @@ impl Engine {
         if msg.have_coordinator != self.me.uuid && msg.have_ver >= self.list.ver {
             // The puller holds another coordinator's list at our version or above (two
             // coordinators issued at once); it adopts only a higher version, so issue one.
-            self.max_seen = self.max_seen.max(msg.have_ver + 1);
+            self.max_seen = self.max_seen.max(msg.have_ver.saturating_add(1));
         }
         self.reconcile();
         if self.coordinator == self.me.uuid
