@@ -545,3 +545,52 @@ fn a_flood_of_random_datagrams_removes_no_one() {
     let all = a.view("all");
     assert!(all.rejected("rate_limited") > 0, "{all:?}");
 }
+
+/// Multicast discovery with a key, across network namespaces (needs root, as CI has): keyed
+/// nodes find each other through sealed announcements, and a keyless node on the same group
+/// hears nothing it can use and is never listed.
+#[test]
+fn sealed_multicast_announcements_admit_only_key_holders() {
+    if let Err(e) = testbed::check_prerequisites() {
+        panic!("the network-namespace test cannot run here: {e}");
+    }
+    let dir = Dir::new("multicast");
+    let key = dir.key_file("key", &format!("{K1}\n"));
+    let mut bed = testbed::Testbed::new(3).unwrap_or_else(|e| panic!("test bed: {e}"));
+    let cidr = bed.cidr();
+    let mut start = |host: usize, key: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_node"));
+        cmd.args(["--role", "worker", "--discovery", "multicast"])
+            .args(["--private_ip_selector", &cidr])
+            .args(["--cluster_name", "sec-multicast"])
+            .env("RUST_LOG", "info");
+        if let Some(k) = key {
+            cmd.arg("--cluster_key_file").arg(k);
+        }
+        bed.spawn(host, &format!("worker-{host}"), cmd)
+            .unwrap_or_else(|e| panic!("spawn: {e}"))
+    };
+    let a = start(0, Some(&key));
+    let b = start(1, Some(&key));
+    let outsider = start(2, None);
+    let all = 10081;
+    bed.wait_for(Duration::from_secs(60), "the keyed pair to list 2", |l| {
+        [a, b]
+            .iter()
+            .all(|&n| l.last(n, all).is_some_and(|x| x.size == 2))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Several announcement intervals more: the outsider must still be alone and unlisted.
+    std::thread::sleep(Duration::from_secs(5));
+    let logs = bed.logs();
+    let lone = logs
+        .last(outsider, all)
+        .expect("the outsider logs its list");
+    assert_eq!(lone.size, 1, "{}", logs.text(outsider));
+    let outsider_uuid = lone.members[0].uuid;
+    for n in [a, b] {
+        for list in logs.lists(n) {
+            assert!(list.members.iter().all(|m| m.uuid != outsider_uuid));
+        }
+    }
+}
