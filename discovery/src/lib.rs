@@ -84,6 +84,17 @@ pub struct Snapshot {
     pub refreshes: u64,
 }
 
+/// Authenticated encryption for what a backend sends on a shared medium (multicast
+/// announcements). The node passes one built from `--cluster_key_file`; backends seal every
+/// announcement and drop what does not open.
+pub trait Seal: Send + Sync + fmt::Debug {
+    /// Encrypts and authenticates `plain`, binding `aad` (which is not sent).
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8>;
+    /// Checks and decrypts `sealed`; the error is a short reason label for metrics
+    /// (`auth_failed`, `stale`, `replayed`, `sealed_malformed`).
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, &'static str>;
+}
+
 /// What a backend knows about the local node.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -101,6 +112,8 @@ pub struct Context {
     pub selector: Option<IpNetwork>,
     /// The size of the all-instances member list, so that backends can slow down once joined.
     pub members: watch::Receiver<usize>,
+    /// Seals what the backend sends on a shared medium; `None` when no cluster key is set.
+    pub seal: Option<Arc<dyn Seal>>,
 }
 
 impl Context {
@@ -121,6 +134,7 @@ impl Context {
             private_port,
             selector,
             members,
+            seal: None,
         }
     }
 

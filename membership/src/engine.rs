@@ -710,7 +710,7 @@ impl Engine {
         if msg.have_coordinator != self.me.uuid && msg.have_ver >= self.list.ver {
             // The puller holds another coordinator's list at our version or above (two
             // coordinators issued at once); it adopts only a higher version, so issue one.
-            self.max_seen = self.max_seen.max(msg.have_ver + 1);
+            self.max_seen = self.max_seen.max(msg.have_ver.saturating_add(1));
         }
         self.reconcile();
         if self.coordinator == self.me.uuid
@@ -1030,7 +1030,8 @@ impl Engine {
         }
         self.last_issue = Some(self.now);
         self.issue_at = None;
-        let ver = self.list.ver.max(self.max_seen) + 1;
+        // Saturating: a peer can claim any version, and wrapping to 0 would break "ver only grows".
+        let ver = self.list.ver.max(self.max_seen).saturating_add(1);
         self.max_seen = ver;
         self.list = MemberList {
             ver,

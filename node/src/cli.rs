@@ -1,5 +1,6 @@
 //! The command line: every flag, its default and its `NODE_*` environment variable.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
@@ -31,6 +32,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a new random cluster key (base64) for a --cluster_key_file.
+    Keygen,
     /// Ask the local node (its internal API on --private_ip_selector and --private_port) for its
     /// members: address, UUID, role, state and age, and the list version.
     Members {
@@ -204,6 +207,15 @@ pub struct Flags {
     /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
     #[arg(long = "discovery_refresh", env = "NODE_DISCOVERY_REFRESH", default_value = "10s", value_parser = parse_duration, global = true)]
     pub discovery_refresh: Duration,
+
+    /// File of base64 cluster keys, one per line: the first seals, all open; re-read on SIGHUP.
+    /// Without it, cluster traffic is neither authenticated nor encrypted.
+    #[arg(
+        long = "cluster_key_file",
+        env = "NODE_CLUSTER_KEY_FILE",
+        global = true
+    )]
+    pub cluster_key_file: Option<PathBuf>,
 
     /// Static discovery.
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]

@@ -1,5 +1,6 @@
 //! The HTTP endpoints: the internal API on the private port, health on the public port.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -55,6 +56,8 @@ pub struct ClusterJson {
     pub this: String,
     /// The members, oldest first.
     pub members: Vec<MemberJson>,
+    /// Messages dropped, by reason (`auth_failed`, `stale`, `replayed`, `malformed`, ...).
+    pub rejected: BTreeMap<String, u64>,
 }
 
 /// The body of `GET /v1/members`.
@@ -77,6 +80,12 @@ pub fn members_json(state: &ApiState) -> MembersJson {
                 port: v.port,
                 version: v.list.ver,
                 this: v.me.uuid.to_string(),
+                rejected: v
+                    .stats
+                    .rejected
+                    .iter()
+                    .map(|(k, n)| ((*k).to_owned(), *n))
+                    .collect(),
                 members: v
                     .list
                     .members

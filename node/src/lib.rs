@@ -3,11 +3,13 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use discovery::{Context, Discover, DiscoveryError, Refresh, Report, Snapshot};
+use keyring::{Keyring, Sealer, SealerConfig};
 use membership::{Engine, NodeId, wire};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -64,6 +66,9 @@ pub enum NodeError {
         #[source]
         source: io::Error,
     },
+    /// The cluster key file is unusable.
+    #[error(transparent)]
+    Key(#[from] keyring::KeyringError),
     /// Discovery could not be set up or failed.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
@@ -147,12 +152,65 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Reads `--cluster_key_file`, when set, and warns about loose permissions. Without a key,
+/// warns once that cluster traffic is unauthenticated.
+pub fn load_key(flags: &Flags) -> Result<Option<Arc<Sealer>>, NodeError> {
+    let Some(path) = &flags.cluster_key_file else {
+        tracing::warn!(
+            "no --cluster_key_file: cluster traffic is unauthenticated and unencrypted, so \
+             anyone who reaches the gossip ports can join or forge deaths; create one with \
+             `node keygen > FILE && chmod 600 FILE`"
+        );
+        return Ok(None);
+    };
+    let loaded = Keyring::load(path)?;
+    if let Some(w) = &loaded.permission_warning {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(keys = loaded.ring.len(), path = %path.display(), "cluster key file loaded");
+    Ok(Some(Arc::new(Sealer::new(
+        loaded.ring,
+        SealerConfig::default(),
+    ))))
+}
+
+/// Re-reads the key file on every SIGHUP; a bad file keeps the previous keys.
+fn reload_on_sighup(path: Option<PathBuf>, sealer: Option<Arc<Sealer>>) -> Result<(), NodeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| NodeError::Config(format!("cannot watch SIGHUP: {e}")))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let (Some(path), Some(sealer)) = (&path, &sealer) else {
+                tracing::info!("SIGHUP received; no --cluster_key_file to reload");
+                continue;
+            };
+            match Keyring::load(path) {
+                Ok(loaded) => {
+                    if let Some(w) = &loaded.permission_warning {
+                        tracing::warn!("{w}");
+                    }
+                    tracing::info!(
+                        keys = loaded.ring.len(),
+                        path = %path.display(),
+                        "SIGHUP: cluster key file reloaded"
+                    );
+                    sealer.replace(loaded.ring);
+                }
+                Err(e) => tracing::error!("SIGHUP: {e}; keeping the previous keys"),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Builds the discovery context and the backend, without starting anything.
 pub fn backend(
     flags: &Flags,
     ip: IpAddr,
     node_id: Uuid,
     members: watch::Receiver<usize>,
+    seal: Option<Arc<dyn discovery::Seal>>,
 ) -> Result<Arc<dyn Discover>, NodeError> {
     let ctx = Context {
         cluster_name: flags.cluster_name.clone(),
@@ -162,6 +220,7 @@ pub fn backend(
         private_port: flags.private_port,
         selector: flags.private_ip_selector,
         members,
+        seal,
     };
     Ok(backends::build(flags, ctx)?)
 }
@@ -181,7 +240,8 @@ pub async fn members(
 pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
     let ip = private_ip(flags)?;
     let (_tx, rx) = watch::channel(1);
-    let backend = backend(flags, ip, Uuid::new_v4(), rx)?;
+    let seal = load_key(flags)?.map(|s| s as Arc<dyn discovery::Seal>);
+    let backend = backend(flags, ip, Uuid::new_v4(), rx, seal)?;
     match tokio::time::timeout(Duration::from_secs(60), backend.discover()).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(NodeError::Discovery(DiscoveryError::Unreachable {
@@ -196,6 +256,8 @@ pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
 pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
     let ip = private_ip(&flags)?;
     let ports = Ports::new(flags.private_port, flags.public_port)?;
+    let sealer = load_key(&flags)?;
+    reload_on_sighup(flags.cluster_key_file.clone(), sealer.clone())?;
     let (mrole, _) = role(flags.role);
     let scheduler = flags.role == RoleArg::Scheduler;
     let uuid = Uuid::new_v4();
@@ -239,7 +301,8 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
     };
 
     let (size_tx, size_rx) = watch::channel(1usize);
-    let backend = backend(&flags, ip, uuid, size_rx)?;
+    let seal = sealer.clone().map(|s| s as Arc<dyn discovery::Seal>);
+    let backend = backend(&flags, ip, uuid, size_rx, seal)?;
     let (cand_tx, cand_rx) = watch::channel(Snapshot::default());
     let discovered = Arc::new(AtomicBool::new(false));
     {
@@ -254,7 +317,20 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         });
     }
 
-    let cfg = membership::Config::lan();
+    let mut cfg = membership::Config::lan();
+    // Datagrams stay below 1400 bytes on the wire, sealing included: MTU-safe on IPv4 and IPv6.
+    let max_datagram = cfg.max_datagram;
+    if sealer.is_some() {
+        cfg.max_datagram -= keyring::OVERHEAD;
+    }
+    cfg.swim.max_packet_size = std::num::NonZeroUsize::new(cfg.max_datagram - wire::HEADER_LEN)
+        .expect("max_datagram is far above the header");
+    let protection = |logical: &str| {
+        sealer.clone().map(|sealer| cluster::Protection {
+            sealer,
+            aad: keyring::aad(&flags.cluster_name, logical),
+        })
+    };
     let seed: u64 = rand::random();
     let mut views = Vec::new();
     let mut tasks = Vec::new();
@@ -276,6 +352,8 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
             map: scheduler_addr,
             size_tx: None,
             shutdown: shutdown.clone(),
+            protection: protection("scheduler"),
+            max_datagram,
         });
         views.push(view);
         tasks.push(task);
@@ -297,6 +375,8 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         map: all_addr,
         size_tx: Some(size_tx),
         shutdown: shutdown.clone(),
+        protection: protection("all"),
+        max_datagram,
     });
     views.push(view);
     tasks.push(task);

@@ -66,6 +66,10 @@ fn run() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let result = rt.block_on(async move {
         match cli.command {
+            Some(Command::Keygen) => {
+                println!("{}", keyring::generate());
+                Ok(())
+            }
             Some(Command::Discover { json }) => {
                 let report = node::discover(&cli.flags).await?;
                 print_report(&report, json)

@@ -4,12 +4,14 @@
 //! - `cargo xtask dist`: a release binary and a Debian package.
 //! - `cargo xtask test`: installs what the tests need, then fmt, clippy and every test.
 //! - `cargo xtask bench`: node against serf in network namespaces, and the simulator.
+//! - `cargo xtask fuzz`: runs every cargo-fuzz target for a while.
 
 use std::process::ExitCode;
 
 mod bench;
 mod demo;
 mod dist;
+mod fuzz;
 mod sh;
 mod test;
 
@@ -25,7 +27,9 @@ commands:
           and every test
   bench [--quick] [--dry-run]
           node against serf in network namespaces, plus the simulator at N=100..1000;
-          writes target/bench/summary.json, table.txt and bench.png (needs root)";
+          writes target/bench/summary.json, table.txt and bench.png (needs root)
+  fuzz    [--seconds N] run every cargo-fuzz target N seconds (default 60) and print
+          the executions; installs cargo-fuzz when missing (stable Rust, RUSTC_BOOTSTRAP=1)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{ArgAction, Args};
 use discovery::{Context, Discover, DiscoveryError};
-use discovery_multicast::{MulticastConfig, MulticastDiscovery};
+use discovery_multicast::{MulticastConfig, MulticastDiscovery, MulticastError};
 
 /// Multicast discovery flags.
 #[derive(Debug, Clone, Args)]
@@ -41,12 +41,45 @@ pub fn build(flags: &MulticastFlags, ctx: Context) -> Result<Arc<dyn Discover>, 
         loopback: flags.multicast_loopback,
         ..MulticastConfig::default()
     };
-    Ok(Arc::new(MulticastDiscovery::new(cfg, ctx)?))
+    let seal = ctx.seal.clone().map(|inner| {
+        Arc::new(KeySeal {
+            aad: keyring::aad(&ctx.cluster_name, "multicast"),
+            inner,
+        }) as Arc<dyn discovery_multicast::Seal>
+    });
+    let backend = MulticastDiscovery::new(cfg, ctx)?;
+    Ok(Arc::new(match seal {
+        Some(s) => backend.with_seal(s),
+        None => backend,
+    }))
+}
+
+/// Seals announcements with the cluster key, bound to the cluster name and `multicast`, so an
+/// announcement never verifies as gossip of either cluster or as another cluster's.
+#[derive(Debug)]
+struct KeySeal {
+    aad: Vec<u8>,
+    inner: Arc<dyn discovery::Seal>,
+}
+
+impl discovery_multicast::Seal for KeySeal {
+    fn seal(&self, payload: Vec<u8>) -> Vec<u8> {
+        self.inner.seal(&self.aad, &payload)
+    }
+
+    fn open(&self, datagram: &[u8]) -> Result<Vec<u8>, MulticastError> {
+        self.inner
+            .open(&self.aad, datagram)
+            .map_err(|_| MulticastError::Unauthenticated)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+    use discovery_multicast::Seal as _;
+
+    use super::KeySeal;
 
     use crate::cli::Cli;
 
@@ -80,5 +113,37 @@ mod tests {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(args[0]), "{e}");
         }
+    }
+
+    fn key_seal(keys: &str, cluster: &str) -> KeySeal {
+        let ring = keyring::Keyring::parse(keys, "test").unwrap();
+        KeySeal {
+            aad: keyring::aad(cluster, "multicast"),
+            inner: std::sync::Arc::new(keyring::Sealer::new(ring, Default::default())),
+        }
+    }
+
+    #[test]
+    fn announcements_are_sealed_with_the_cluster_key() {
+        const K1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        const K2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+        let a = key_seal(K1, "prod");
+        let sealed = a.seal(b"announcement".to_vec());
+        assert!(sealed.len() <= discovery_multicast::MAX_DATAGRAM);
+        assert_eq!(key_seal(K1, "prod").open(&sealed).unwrap(), b"announcement");
+        assert!(key_seal(K2, "prod").open(&sealed).is_err(), "another key");
+        assert!(
+            key_seal(K1, "test").open(&sealed).is_err(),
+            "another cluster"
+        );
+        assert!(
+            key_seal(K1, "prod").open(b"announcement").is_err(),
+            "plaintext"
+        );
+        // Gossip of the all-instances cluster never verifies as an announcement.
+        let ring = keyring::Keyring::parse(K1, "test").unwrap();
+        let gossip = keyring::Sealer::new(ring, Default::default())
+            .seal(&keyring::aad("prod", "all"), b"announcement");
+        assert!(a.open(&gossip).is_err());
     }
 }
