@@ -138,6 +138,10 @@ pub struct Flags {
     /// Static discovery.
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
     pub static_: backends::static_::StaticFlags,
+
+    /// GCP discovery.
+    #[command(flatten, next_help_heading = "GCP discovery (--discovery=gcp)")]
+    pub gcp: backends::gcp::GcpFlags,
 }
 
 #[cfg(test)]
