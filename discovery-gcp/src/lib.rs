@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use discovery::{
-    BoxFuture, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver,
-    Report, Snapshot,
+    BoxFuture, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver, Report,
+    Snapshot,
 };
 use google_cloud_compute_v1::client::Instances;
 use google_cloud_compute_v1::model::Instance;
@@ -432,34 +432,32 @@ impl GcpDiscovery {
     async fn resolve(&self) -> Result<&Resolved, DiscoveryError> {
         self.resolved
             .get_or_try_init(|| async {
-                let project = match &self.config.project {
-                    Some(p) => p.clone(),
-                    None => self
-                        .metadata
-                        .project_id()
-                        .await
-                        .map_err(|cause| GcpError::NoMetadata {
-                            what: "--gcp_project",
-                            flags: "--gcp_project",
-                            cause,
-                        })?,
-                };
-                let scope = match (&self.config.region, self.config.zones.is_empty()) {
-                    (Some(r), _) => Scope::Region(r.clone()),
-                    (None, false) => Scope::Zones(self.config.zones.clone()),
-                    (None, true) => {
-                        let zone = self
-                            .metadata
-                            .zone()
-                            .await
-                            .map_err(|cause| GcpError::NoMetadata {
-                                what: "--gcp_zones",
-                                flags: "--gcp_zones (or --gcp_region)",
+                let project =
+                    match &self.config.project {
+                        Some(p) => p.clone(),
+                        None => self.metadata.project_id().await.map_err(|cause| {
+                            GcpError::NoMetadata {
+                                what: "--gcp_project",
+                                flags: "--gcp_project",
                                 cause,
+                            }
+                        })?,
+                    };
+                let scope =
+                    match (&self.config.region, self.config.zones.is_empty()) {
+                        (Some(r), _) => Scope::Region(r.clone()),
+                        (None, false) => Scope::Zones(self.config.zones.clone()),
+                        (None, true) => {
+                            let zone = self.metadata.zone().await.map_err(|cause| {
+                                GcpError::NoMetadata {
+                                    what: "--gcp_zones",
+                                    flags: "--gcp_zones (or --gcp_region)",
+                                    cause,
+                                }
                             })?;
-                        Scope::Zones(vec![zone])
-                    }
-                };
+                            Scope::Zones(vec![zone])
+                        }
+                    };
                 let client = self.client().await?;
                 tracing::info!(
                     project,
@@ -607,7 +605,12 @@ impl GcpDiscovery {
                     continue;
                 }
                 let entry = zones.entry(zone.to_owned()).or_default();
-                entry.extend(scoped.instances.iter().map(|i| Seen::from_instance(zone, i)));
+                entry.extend(
+                    scoped
+                        .instances
+                        .iter()
+                        .map(|i| Seen::from_instance(zone, i)),
+                );
                 let warned_unreachable = scoped
                     .warning
                     .as_ref()
@@ -724,11 +727,19 @@ impl GcpDiscovery {
                             tracing::warn!(zone, "gcp: listing cut at the page limit");
                         }
                         ok_zones += 1;
-                        last.insert(zone, ZoneResult { running: seen.clone() });
+                        last.insert(
+                            zone,
+                            ZoneResult {
+                                running: seen.clone(),
+                            },
+                        );
                         running.extend(seen);
                     }
                     Err(e) => {
-                        let kept = last.get(&zone).map(|z| z.running.clone()).unwrap_or_default();
+                        let kept = last
+                            .get(&zone)
+                            .map(|z| z.running.clone())
+                            .unwrap_or_default();
                         tracing::warn!(
                             zone,
                             kept = kept.len(),
@@ -755,8 +766,12 @@ impl GcpDiscovery {
         if explain {
             self.explain_exclusions(r, &running, &mut report).await;
         }
-        report.candidates.sort_by(|a, b| (a.ip, &a.id).cmp(&(b.ip, &b.id)));
-        report.candidates.dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+        report
+            .candidates
+            .sort_by(|a, b| (a.ip, &a.id).cmp(&(b.ip, &b.id)));
+        report
+            .candidates
+            .dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
         Ok(report)
     }
 
@@ -779,9 +794,9 @@ impl GcpDiscovery {
             }
             let mut found = false;
             for (nic, ip) in &s.ips {
-                if let Ok(c) = self
-                    .ctx
-                    .classify(format!("{}/{nic}", s.id()), *ip, self.ctx.private_port)
+                if let Ok(c) =
+                    self.ctx
+                        .classify(format!("{}/{nic}", s.id()), *ip, self.ctx.private_port)
                 {
                     report.candidates.push(c);
                     found = true;
@@ -925,6 +940,11 @@ impl Discover for GcpDiscovery {
         tx: watch::Sender<Snapshot>,
         observer: Arc<dyn RefreshObserver>,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(discovery::poll_loop(Arc::new(Lean(self)), refresh, tx, observer))
+        Box::pin(discovery::poll_loop(
+            Arc::new(Lean(self)),
+            refresh,
+            tx,
+            observer,
+        ))
     }
 }

@@ -102,7 +102,11 @@ async fn labels_and_the_running_status_are_filtered_on_the_server() {
             .label("role", "scheduler")
             .nic(ip("198.18.0.13")),
     );
-    f.add_instance(PROJECT, z, InstanceSpec::running("e").nic(ip("198.18.0.14")));
+    f.add_instance(
+        PROJECT,
+        z,
+        InstanceSpec::running("e").nic(ip("198.18.0.14")),
+    );
 
     let d = backend(config(&f, "cluster=prod", &[z]));
     let r = d.round(false).await.unwrap();
@@ -229,7 +233,10 @@ async fn a_failing_zone_keeps_its_last_good_instances_and_never_hides_the_other_
     // When every zone fails, the round fails, so the refresh loop keeps the whole set.
     f.fail_zone("europe-west1-b", Some(503));
     let e = d2.round(false).await.unwrap_err();
-    assert!(!e.is_transient(), "the permanent 403 is the one reported: {e}");
+    assert!(
+        !e.is_transient(),
+        "the permanent 403 is the one reported: {e}"
+    );
 }
 
 #[tokio::test]
@@ -244,11 +251,7 @@ async fn discover_explains_not_running_label_mismatch_self_and_cidr_exclusions()
         z,
         prod("stopped").status("STOPPED").nic(ip("198.18.0.21")),
     );
-    f.add_instance(
-        PROJECT,
-        z,
-        prod("elsewhere").nic(ip("127.0.0.50")),
-    );
+    f.add_instance(PROJECT, z, prod("elsewhere").nic(ip("127.0.0.50")));
     f.add_instance(
         PROJECT,
         z,
@@ -256,7 +259,11 @@ async fn discover_explains_not_running_label_mismatch_self_and_cidr_exclusions()
             .label("cluster", "dev")
             .nic(ip("198.18.0.22")),
     );
-    f.add_instance(PROJECT, z, InstanceSpec::running("bare").nic(ip("198.18.0.23")));
+    f.add_instance(
+        PROJECT,
+        z,
+        InstanceSpec::running("bare").nic(ip("198.18.0.23")),
+    );
 
     let d = backend(config(&f, "cluster=prod", &[z]));
     let r = d.discover().await.unwrap();
@@ -393,7 +400,10 @@ async fn a_403_names_the_permission_or_the_access_scope_and_how_to_grant_it() {
     let z = "us-central1-f";
     f.add_zone(PROJECT, z);
     f.deny_list_permission(PROJECT, true);
-    let e = backend(config(&f, "", &[z])).round(false).await.unwrap_err();
+    let e = backend(config(&f, "", &[z]))
+        .round(false)
+        .await
+        .unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, DiscoveryError::Unauthorized { .. }), "{msg}");
     assert!(!e.is_transient());
@@ -407,7 +417,10 @@ async fn a_403_names_the_permission_or_the_access_scope_and_how_to_grant_it() {
         scopes: vec!["https://www.googleapis.com/auth/devstorage.read_only".into()],
         ..VmIdentity::default()
     });
-    let e = backend(config(&f, "", &[z])).round(false).await.unwrap_err();
+    let e = backend(config(&f, "", &[z]))
+        .round(false)
+        .await
+        .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("access scopes"), "{msg}");
     assert!(msg.contains("compute-ro"), "{msg}");
@@ -434,7 +447,10 @@ async fn the_project_and_the_zone_come_from_the_metadata_server() {
         f.requests()[0].path,
         "/compute/v1/projects/meta-project/zones/europe-north1-c/instances"
     );
-    assert!(f.tokens_issued() >= 1, "the token came from the metadata server");
+    assert!(
+        f.tokens_issued() >= 1,
+        "the token came from the metadata server"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,11 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Term {
     /// `labels.KEY = "V"` (`negate` for `!=`).
-    LabelEq { key: String, value: String, negate: bool },
+    LabelEq {
+        key: String,
+        value: String,
+        negate: bool,
+    },
     /// `labels.KEY:*`.
     LabelExists { key: String },
     /// `status = RUNNING` (`negate` for `!=`).

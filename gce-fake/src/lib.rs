@@ -229,12 +229,13 @@ impl GceFake {
                     let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
                         return;
                     };
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
+                    // Stopping drops the server at once, slow (delayed) answers included.
+                    tokio::select! {
+                        _ = axum::serve(listener, app) => {}
+                        _ = stop_rx => {}
+                    }
                 });
+                rt.shutdown_background();
             })
             .map_err(FakeError::Runtime)?;
         Ok(GceFake {
@@ -589,10 +590,8 @@ fn filter_hash(scope: &str, filter: &str) -> u64 {
 
 /// Page tokens are opaque to clients: the offset and a hash of the listing they belong to.
 fn page_token(offset: usize, scope: &str, filter: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-        "{offset}:{:016x}",
-        filter_hash(scope, filter)
-    ))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{offset}:{:016x}", filter_hash(scope, filter)))
 }
 
 fn page_offset(q: &HashMap<String, String>, scope: &str, filter: &str) -> Result<usize, Response> {
@@ -618,10 +617,12 @@ fn page_offset(q: &HashMap<String, String>, scope: &str, filter: &str) -> Result
     off.parse().map_err(|_| bad())
 }
 
+/// A fingerprint: bytes in the discovery document's `byte` format, which is padded base64
+/// with the URL-safe alphabet (the SDK refuses `+` and `/`).
 fn fingerprint(seed: &str) -> String {
     let mut h = DefaultHasher::new();
     seed.hash(&mut h);
-    base64::engine::general_purpose::STANDARD.encode(h.finish().to_be_bytes())
+    base64::engine::general_purpose::URL_SAFE.encode(h.finish().to_be_bytes())
 }
 
 /// An `Instance` resource in the documented JSON shape (the fields discovery reads and a
@@ -899,10 +900,7 @@ fn md_text(body: String) -> Response {
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/text"),
-            (
-                header::HeaderName::from_static("metadata-flavor"),
-                "Google",
-            ),
+            (header::HeaderName::from_static("metadata-flavor"), "Google"),
         ],
         body,
     )
@@ -914,10 +912,7 @@ fn md_json(body: Value) -> Response {
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "application/json"),
-            (
-                header::HeaderName::from_static("metadata-flavor"),
-                "Google",
-            ),
+            (header::HeaderName::from_static("metadata-flavor"), "Google"),
         ],
         body.to_string(),
     )
@@ -929,10 +924,7 @@ fn md_error(code: StatusCode, body: &str) -> Response {
         code,
         [
             (header::CONTENT_TYPE, "text/html; charset=UTF-8"),
-            (
-                header::HeaderName::from_static("metadata-flavor"),
-                "Google",
-            ),
+            (header::HeaderName::from_static("metadata-flavor"), "Google"),
         ],
         body.to_string(),
     )

@@ -60,7 +60,10 @@ impl T {
         }
         let resp = req.send().await.unwrap();
         let code = resp.status().as_u16();
-        (code, serde_json::from_str(&resp.text().await.unwrap()).unwrap())
+        (
+            code,
+            serde_json::from_str(&resp.text().await.unwrap()).unwrap(),
+        )
     }
 }
 
@@ -69,7 +72,10 @@ fn assert_google_error(v: &Value, code: u64) {
     assert_eq!(e["code"].as_u64(), Some(code), "{v}");
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     let first = &e["errors"][0];
-    assert!(first["reason"].is_string() && first["domain"].is_string(), "{v}");
+    assert!(
+        first["reason"].is_string() && first["domain"].is_string(),
+        "{v}"
+    );
 }
 
 #[tokio::test]
@@ -125,9 +131,7 @@ async fn the_instance_list_has_the_documented_shape_and_pages_by_token() {
     }
     let tok = t.token().await;
     let base = "/compute/v1/projects/test-project/zones/us-central1-a/instances";
-    let (code, v) = t
-        .compute(&format!("{base}?maxResults=2"), Some(&tok))
-        .await;
+    let (code, v) = t.compute(&format!("{base}?maxResults=2"), Some(&tok)).await;
     assert_eq!(code, 200);
     let items = v["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
@@ -136,11 +140,21 @@ async fn the_instance_list_has_the_documented_shape_and_pages_by_token() {
     assert_eq!(i["status"], "RUNNING");
     assert_eq!(i["labels"]["cluster"], "prod");
     assert!(i["id"].as_str().unwrap().parse::<u64>().is_ok());
-    assert!(i["zone"].as_str().unwrap().ends_with("/zones/us-central1-a"));
+    assert!(
+        i["zone"]
+            .as_str()
+            .unwrap()
+            .ends_with("/zones/us-central1-a")
+    );
     let nic = &i["networkInterfaces"][1];
     assert_eq!(nic["name"], "nic1");
     assert_eq!(nic["networkIP"], "198.19.0.1");
-    assert!(nic["subnetwork"].as_str().unwrap().contains("/regions/us-central1/"));
+    assert!(
+        nic["subnetwork"]
+            .as_str()
+            .unwrap()
+            .contains("/regions/us-central1/")
+    );
 
     let mut names = Vec::new();
     let mut token: Option<String> = None;
@@ -212,7 +226,10 @@ async fn the_aggregated_list_keys_scopes_by_zone_and_warns_for_empty_and_unreach
         .await;
     assert_eq!(code, 200);
     assert_eq!(v["kind"], "compute#instanceAggregatedList");
-    assert_eq!(v["items"]["zones/us-central1-a"]["instances"][0]["name"], "a");
+    assert_eq!(
+        v["items"]["zones/us-central1-a"]["instances"][0]["name"],
+        "a"
+    );
     assert_eq!(
         v["items"]["zones/us-central1-b"]["warning"]["code"],
         "NO_RESULTS_ON_PAGE"
