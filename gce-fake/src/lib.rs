@@ -501,83 +501,83 @@ async fn not_found() -> Response {
 // Compute.
 
 /// What a compute call checks before listing: auth, injected faults, project, IAM, scopes.
-fn precheck(s: &mut Inner, headers: &HeaderMap, project: &str) -> Result<(), Response> {
+fn precheck(s: &mut Inner, headers: &HeaderMap, project: &str) -> Result<(), Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(scopes) = token.and_then(|t| s.tokens.get(t)) else {
-        return Err(google_error(
+        return Err(Box::new(google_error(
             401,
             "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
             "authError",
             "global",
-        ));
+        )));
     };
     let scoped = scopes
         .iter()
         .any(|sc| sc == SCOPE_CLOUD_PLATFORM || sc == SCOPE_COMPUTE_RO || sc == SCOPE_COMPUTE);
     if let Some(code) = s.faults.next.pop_front() {
-        return Err(injected(code, s.vm.project_number));
+        return Err(Box::new(injected(code, s.vm.project_number)));
     }
     let Some(p) = s.projects.get(project) else {
-        return Err(google_error(
+        return Err(Box::new(google_error(
             404,
             &format!("The resource 'projects/{project}' was not found"),
             "notFound",
             "global",
-        ));
+        )));
     };
     if !scoped {
-        return Err(google_error(
+        return Err(Box::new(google_error(
             403,
             "Request had insufficient authentication scopes.",
             "insufficientPermissions",
             "global",
-        ));
+        )));
     }
     if p.denied {
-        return Err(google_error(
+        return Err(Box::new(google_error(
             403,
             &format!("Required 'compute.instances.list' permission for 'projects/{project}'"),
             "forbidden",
             "global",
-        ));
+        )));
     }
     Ok(())
 }
 
 /// `maxResults`: 0..=500, default 500; 0 means the default as well.
-fn max_results(q: &HashMap<String, String>) -> Result<usize, Response> {
+fn max_results(q: &HashMap<String, String>) -> Result<usize, Box<Response>> {
     match q.get("maxResults") {
         None => Ok(500),
         Some(v) => match v.parse::<usize>() {
             Ok(0) => Ok(500),
             Ok(n) if n <= 500 => Ok(n),
-            _ => Err(google_error(
+            _ => Err(Box::new(google_error(
                 400,
                 &format!(
                     "Invalid value for field 'maxResults': '{v}'. Must be less than or equal to 500"
                 ),
                 "invalid",
                 "global",
-            )),
+            ))),
         },
     }
 }
 
-fn parse_filter(q: &HashMap<String, String>) -> Result<(String, filter::Filter), Response> {
+fn parse_filter(q: &HashMap<String, String>) -> Result<(String, filter::Filter), Box<Response>> {
     let raw = q.get("filter").cloned().unwrap_or_default();
     match filter::parse(&raw) {
         Ok(f) => Ok((raw, f)),
-        Err(reason) => Err(google_error(
+        Err(reason) => Err(Box::new(google_error(
             400,
             &format!(
                 "Invalid value for field 'filter': '{raw}'. Invalid list filter expression ({reason})."
             ),
             "invalid",
             "global",
-        )),
+        ))),
     }
 }
 
@@ -594,17 +594,21 @@ fn page_token(offset: usize, scope: &str, filter: &str) -> String {
         .encode(format!("{offset}:{:016x}", filter_hash(scope, filter)))
 }
 
-fn page_offset(q: &HashMap<String, String>, scope: &str, filter: &str) -> Result<usize, Response> {
+fn page_offset(
+    q: &HashMap<String, String>,
+    scope: &str,
+    filter: &str,
+) -> Result<usize, Box<Response>> {
     let Some(tok) = q.get("pageToken").filter(|t| !t.is_empty()) else {
         return Ok(0);
     };
-    let bad = || {
-        google_error(
+    let bad = || -> Box<Response> {
+        Box::new(google_error(
             400,
             &format!("Invalid value for field 'pageToken': '{tok}'. Invalid page token."),
             "invalid",
             "global",
-        )
+        ))
     };
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(tok)
@@ -719,7 +723,7 @@ fn list_zone_inner(
 ) -> Response {
     let mut s = lock(state);
     if let Err(r) = precheck(&mut s, headers, project) {
-        return r;
+        return *r;
     }
     if let Some(&code) = s.faults.zone_status.get(zone) {
         return injected(code, s.vm.project_number);
@@ -734,16 +738,16 @@ fn list_zone_inner(
     };
     let max = match max_results(q) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (raw_filter, f) = match parse_filter(q) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let scope = format!("{project}/{zone}");
     let offset = match page_offset(q, &scope, &raw_filter) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let hits: Vec<&Stored> = instances.iter().filter(|i| matches(&f, i)).collect();
     let page: Vec<Value> = hits
@@ -805,20 +809,20 @@ fn list_aggregated_inner(
 ) -> Response {
     let mut s = lock(state);
     if let Err(r) = precheck(&mut s, headers, project) {
-        return r;
+        return *r;
     }
     let max = match max_results(q) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (raw_filter, f) = match parse_filter(q) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let scope = format!("{project}/aggregated");
     let offset = match page_offset(q, &scope, &raw_filter) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let partial = q.get("returnPartialSuccess").map(String::as_str) == Some("true");
     let Some(p) = s.projects.get(project) else {
