@@ -166,6 +166,34 @@ pub struct Stats {
     pub confirmations: u64,
     /// The local health score (Lifeguard); 0 is healthy.
     pub health: u32,
+    /// Direct probes (ping to ack) answered, by round-trip time: `probe_rtt_buckets[i]` counts
+    /// answers within `PROBE_RTT_BOUNDS[i]`; the last entry counts the slower ones.
+    pub probe_rtt_buckets: [u64; PROBE_RTT_BOUNDS.len() + 1],
+    /// The sum of the round-trip times counted in `probe_rtt_buckets`.
+    pub probe_rtt_sum: Duration,
+}
+
+/// Upper bounds of the probe round-trip buckets in [`Stats::probe_rtt_buckets`].
+pub const PROBE_RTT_BOUNDS: [Duration; 8] = [
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+];
+
+impl Stats {
+    fn probe_answered(&mut self, rtt: Duration) {
+        let i = PROBE_RTT_BOUNDS
+            .iter()
+            .position(|b| rtt <= *b)
+            .unwrap_or(PROBE_RTT_BOUNDS.len());
+        self.probe_rtt_buckets[i] += 1;
+        self.probe_rtt_sum += rtt;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -222,6 +250,7 @@ pub struct Engine {
     rng: StdRng,
     left: bool,
     stats: Stats,
+    probe: Option<(foca::ProbeNumber, NodeId, Duration)>,
     suspicions: HashMap<SocketAddr, Suspicion>,
     health: u32,
     last_issue: Option<Duration>,
@@ -284,6 +313,7 @@ impl Engine {
             rng,
             left: false,
             stats: Stats::default(),
+            probe: None,
             suspicions: HashMap::new(),
             health: 0,
             last_issue: None,
@@ -918,6 +948,13 @@ impl Engine {
             }
             match note {
                 OwnedNotification::DataReceived(h) => {
+                    if let (foca::Message::Ack(n), Some((p, to, at))) = (&h.message, self.probe)
+                        && *n == p
+                        && h.src == to
+                    {
+                        self.probe = None;
+                        self.stats.probe_answered(self.now.saturating_sub(at));
+                    }
                     if matches!(
                         h.message,
                         foca::Message::Ack(_) | foca::Message::ForwardedAck { .. }
@@ -945,6 +982,11 @@ impl Engine {
                     // Alone again: try every candidate right away.
                     self.joins.clear();
                     self.next_join = self.now;
+                }
+                OwnedNotification::DataSent(h) => {
+                    if let foca::Message::Ping(n) = h.message {
+                        self.probe = Some((n, h.dst, self.now));
+                    }
                 }
                 _ => {}
             }

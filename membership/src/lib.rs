@@ -10,7 +10,7 @@ pub mod list;
 pub mod sim;
 pub mod wire;
 
-pub use engine::{Config, Engine, Output, Stats};
+pub use engine::{Config, Engine, Output, PROBE_RTT_BOUNDS, Stats};
 pub use id::{NodeId, Role};
 pub use list::{LoggedList, LoggedMember, MemberList, parse_logged_lists};
 

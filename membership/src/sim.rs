@@ -414,6 +414,26 @@ mod tests {
         assert!(s.run_until(s.now() + secs(10), |s| s.converged(&all)));
         assert!(!s.list(0).unwrap().contains(old));
     }
+
+    #[test]
+    fn stats_count_direct_probe_round_trips() {
+        let mut s = sim(8);
+        let all = s.add_nodes(3);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        s.run_for(secs(60));
+        for n in &s.nodes {
+            let st = n.engine.as_ref().unwrap().stats();
+            let probes: u64 = st.probe_rtt_buckets.iter().sum();
+            // One probe every 500 ms; the simulator's 0.5 to 1.5 ms latency each way.
+            assert!(probes > 100, "a member probes twice a second: {probes}");
+            let mean = st.probe_rtt_sum / u32::try_from(probes).unwrap();
+            assert!(
+                mean >= Duration::from_millis(1) && mean <= Duration::from_millis(3),
+                "{mean:?}"
+            );
+            assert_eq!(st.probe_rtt_buckets[0], 0, "no round trip is under 500 us");
+        }
+    }
 }
 
 /// The simulator scenarios `cargo xtask bench` reports, in virtual seconds.

@@ -31,6 +31,76 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the local node (its internal API on --private_ip_selector and --private_port) for its
+    /// members: address, UUID, role, state and age, and the list version.
+    Members {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only this cluster; every cluster the node is in when absent.
+        #[arg(long, value_enum)]
+        cluster: Option<ClusterArg>,
+    },
+}
+
+/// A logical cluster, for `node members --cluster`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterArg {
+    /// The schedulers' cluster (private_port + 1000).
+    Scheduler,
+    /// The all-instances cluster (private_port + 2000).
+    All,
+}
+
+impl ClusterArg {
+    /// The name the internal API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterArg::Scheduler => "scheduler",
+            ClusterArg::All => "all",
+        }
+    }
+}
+
+/// How records on stderr look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line per record; a member list keeps its lines.
+    Text,
+    /// One JSON object per line, for pods and log shippers.
+    Json,
+}
+
+/// Where records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogTarget {
+    /// journald when systemd connected stderr to the journal (JOURNAL_STREAM), else stderr.
+    Auto,
+    /// Standard error, in --log_format.
+    Stderr,
+    /// journald's native protocol: one journal entry per record.
+    Journald,
+}
+
+/// Logging settings; levels come from `RUST_LOG` (default `info`).
+#[derive(Debug, Clone, Args)]
+pub struct LogFlags {
+    /// Format of records on stderr.
+    #[arg(long = "log_format", env = "NODE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// Where records go.
+    #[arg(long = "log_target", env = "NODE_LOG_TARGET", value_enum, default_value_t = LogTarget::Auto, global = true)]
+    pub log_target: LogTarget,
+
+    /// SYSLOG_IDENTIFIER of journal entries written through journald's native protocol.
+    #[arg(
+        long = "syslog_identifier",
+        env = "NODE_SYSLOG_IDENTIFIER",
+        default_value = "node",
+        global = true
+    )]
+    pub syslog_identifier: String,
 }
 
 /// The node's role.
@@ -142,6 +212,13 @@ pub struct Flags {
     /// GCP discovery.
     #[command(flatten, next_help_heading = "GCP discovery (--discovery=gcp)")]
     pub gcp: backends::gcp::GcpFlags,
+
+    /// Logging.
+    #[command(
+        flatten,
+        next_help_heading = "Logging (levels from RUST_LOG, default info)"
+    )]
+    pub log: LogFlags,
 }
 
 #[cfg(test)]

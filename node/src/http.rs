@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::SharedView;
 
@@ -20,10 +20,12 @@ pub struct ApiState {
     pub clusters: Vec<SharedView>,
     /// True once discovery has answered at least once.
     pub discovered: Arc<AtomicBool>,
+    /// What `GET /metrics` serves.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One member in `GET /v1/members`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberJson {
     /// The member's UUID.
     pub uuid: String,
@@ -31,6 +33,9 @@ pub struct MemberJson {
     pub address: String,
     /// `scheduler` or `worker`.
     pub role: String,
+    /// `alive`: a list holds only the members its coordinator sees alive; failed and departed
+    /// members are removed from it.
+    pub state: String,
     /// Whether it is this node.
     pub this: bool,
     /// Seconds since this node first saw it in a list.
@@ -38,7 +43,7 @@ pub struct MemberJson {
 }
 
 /// One cluster in `GET /v1/members`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterJson {
     /// `scheduler` or `all`.
     pub cluster: String,
@@ -53,7 +58,7 @@ pub struct ClusterJson {
 }
 
 /// The body of `GET /v1/members`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MembersJson {
     /// The clusters, scheduler first when present.
     pub clusters: Vec<ClusterJson>,
@@ -80,6 +85,7 @@ pub fn members_json(state: &ApiState) -> MembersJson {
                         uuid: m.uuid.to_string(),
                         address: m.addr.to_string(),
                         role: m.role.to_string(),
+                        state: "alive".to_owned(),
                         this: m.uuid == v.me.uuid,
                         age_seconds: v
                             .first_seen
@@ -96,6 +102,16 @@ pub fn members_json(state: &ApiState) -> MembersJson {
 
 async fn members(State(state): State<ApiState>) -> Json<MembersJson> {
     Json(members_json(&state))
+}
+
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn healthz() -> &'static str {
@@ -117,6 +133,7 @@ async fn readyz(State(state): State<ApiState>) -> impl IntoResponse {
 pub fn private_router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/members", get(members))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(state)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use discovery::{Context, Discover, DiscoveryError, NoObserver, Refresh, Report, Snapshot};
+use discovery::{Context, Discover, DiscoveryError, Refresh, Report, Snapshot};
 use membership::{Engine, NodeId, wire};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -18,6 +18,10 @@ pub mod backends;
 pub mod cli;
 pub mod cluster;
 pub mod http;
+pub mod logging;
+pub mod members;
+pub mod metrics;
+pub mod notify;
 pub mod ports;
 
 use cli::{Flags, RoleArg};
@@ -162,6 +166,17 @@ pub fn backend(
     Ok(backends::build(flags, ctx)?)
 }
 
+/// Reads the members from the local node's internal API, for `node members`.
+pub async fn members(
+    flags: &Flags,
+    cluster: Option<cli::ClusterArg>,
+) -> Result<http::MembersJson, NodeError> {
+    let ip = private_ip(flags)?;
+    let addr = SocketAddr::new(ip, flags.private_port);
+    let all = members::fetch(addr, Duration::from_secs(10)).await?;
+    members::select(all, cluster)
+}
+
 /// Runs discovery once, for `node discover`.
 pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
     let ip = private_ip(flags)?;
@@ -238,15 +253,6 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
             }
         });
     }
-    let refresh = Refresh {
-        interval: flags.discovery_refresh,
-        ..Refresh::default()
-    };
-    tokio::spawn(
-        backend
-            .clone()
-            .watch(refresh, cand_tx, Arc::new(NoObserver)),
-    );
 
     let cfg = membership::Config::lan();
     let seed: u64 = rand::random();
@@ -295,9 +301,17 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
     views.push(view);
     tasks.push(task);
 
+    let (metrics, observer) = metrics::Metrics::new(views.clone());
+    let refresh = Refresh {
+        interval: flags.discovery_refresh,
+        ..Refresh::default()
+    };
+    tokio::spawn(backend.clone().watch(refresh, cand_tx, observer));
+
     let state = http::ApiState {
         clusters: views,
         discovered,
+        metrics: Arc::new(metrics),
     };
     let private_app = http::private_router(state.clone());
     tokio::spawn(async move {
@@ -320,12 +334,18 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         private = %SocketAddr::new(ip, ports.private),
         "node started"
     );
+    // Every listener is bound and served: a Type=notify unit may now count the node as started.
+    notify::notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        SocketAddr::new(ip, ports.private)
+    ));
 
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;
         }
     }
+    notify::notify("STOPPING=1\nSTATUS=leaving the cluster");
     tracing::info!("leaving the cluster");
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

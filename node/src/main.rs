@@ -1,21 +1,9 @@
 //! The `node` binary: parses flags, sets up logging and signals, then hands over to the library.
 
-use std::io::IsTerminal as _;
-
 use anyhow::Context as _;
 use clap::Parser;
 use node::cli::{Cli, Command};
 use tokio::sync::watch;
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
 
 async fn shutdown_signal(tx: watch::Sender<bool>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -52,19 +40,44 @@ fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain, without a backtrace: the message names the problem and the fix.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    // The operator commands print their answer on stdout; only warnings go to the log.
+    let level = match cli.command {
+        Some(Command::Members { .. }) => "warn",
+        _ => "info",
+    };
+    let sink = node::logging::init(&cli.flags.log, level)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Some(Command::Discover { json }) => {
                 let report = node::discover(&cli.flags).await?;
                 print_report(&report, json)
+            }
+            Some(Command::Members { json, cluster }) => {
+                let m = node::members(&cli.flags, cluster).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&m)?);
+                } else {
+                    print!("{}", node::members::render(&m));
+                }
+                Ok(())
             }
             Some(Command::Run) | None => {
                 let (tx, rx) = watch::channel(false);
@@ -77,5 +90,12 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    });
+    if let Err(e) = &result
+        && sink == node::logging::Sink::Stderr(node::cli::LogFormat::Json)
+    {
+        // Log shippers read only JSON; `main` still prints the plain line for people.
+        tracing::error!("{e:#}");
+    }
+    result
 }

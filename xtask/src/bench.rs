@@ -688,8 +688,8 @@ mod tests {
     #[test]
     fn tracing_timestamps_become_unix_seconds() {
         let t = parse_timestamp("2026-11-28T17:17:11.886625Z  INFO members: x").unwrap();
-        // 2026-11-28T00:00:00Z is day 20_420 after the epoch.
-        assert!((t - (20_420.0 * 86_400.0 + 17.0 * 3600.0 + 17.0 * 60.0 + 11.886625)).abs() < 1e-6);
+        // 2026-11-28T00:00:00Z is day 20_785 after the epoch.
+        assert!((t - (20_785.0 * 86_400.0 + 17.0 * 3600.0 + 17.0 * 60.0 + 11.886625)).abs() < 1e-6);
         assert_eq!(parse_timestamp("not a time"), None);
     }
 
@@ -698,7 +698,7 @@ mod tests {
         let log = "2026-11-28T00:00:01.500000Z  INFO members: Members {size:1, ver:1} [\n\tMember [198.18.0.2]:10081 - 00000000-0000-0000-0000-000000000001 this\n]\n2026-11-28T00:00:02.000000Z  INFO node: other\n";
         let lists = node_lists(log);
         assert_eq!(lists.len(), 1);
-        assert!((lists[0].0 - (20_420.0 * 86_400.0 + 1.5)).abs() < 1e-6);
+        assert!((lists[0].0 - (20_785.0 * 86_400.0 + 1.5)).abs() < 1e-6);
     }
 
     #[test]

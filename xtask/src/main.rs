@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's scripts, in Rust. The only place that starts test infrastructure.
 //!
 //! - `cargo xtask demo`: a 5-node cluster on loopback (2 schedulers, 3 workers).
+//! - `cargo xtask dist`: a release binary and a Debian package.
 //! - `cargo xtask test`: installs what the tests need, then fmt, clippy and every test.
 //! - `cargo xtask bench`: node against serf in network namespaces, and the simulator.
 
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod demo;
+mod dist;
 mod sh;
 mod test;
 
@@ -16,6 +18,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   demo    start 2 schedulers and 3 workers on 127.0.0.11-15, show the cluster forming,
           kill one worker with SIGKILL, show its removal, then stop (Ctrl-C stops early)
+  dist    build a release binary and a .deb (cluster-node: binary, systemd units,
+          /etc/default/cluster-node) in <target dir>/dist; --binary PATH packages a built
+          binary instead, --out DIR puts the .deb elsewhere
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
           and every test
   bench [--quick] [--dry-run]
@@ -28,6 +33,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -13,6 +13,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         ("ip", "iproute2"),
         ("nft", "nftables"),
         ("ping", "iputils-ping"),
+        // The ops tests: journald and systemd-analyze for the units, dpkg-deb for the package.
+        ("systemd-analyze", "systemd"),
+        ("dpkg-deb", "dpkg"),
     ])?;
 
     let mut fmt = sh::cargo();

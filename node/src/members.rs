@@ -1,0 +1,194 @@
+//! `node members`: asks the local node's internal API for its members and prints them the way
+//! `serf members` does, one member per line.
+//!
+//! The client is a minimal HTTP/1.1 GET over a `TcpStream`: one request, `Connection: close`,
+//! a bounded body, plain or chunked.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::NodeError;
+use crate::cli::ClusterArg;
+use crate::http::{ClusterJson, MembersJson};
+
+/// The largest answer read; a list of 10 000 members is about 2 MB.
+const MAX_BODY: usize = 16 << 20;
+
+fn unreachable(addr: SocketAddr, why: impl std::fmt::Display) -> NodeError {
+    NodeError::Config(format!(
+        "cannot read the members from the node's internal API at http://{addr}/v1/members: {why}. Is the node running, with the same --private_ip_selector and --private_port as given here?"
+    ))
+}
+
+/// Fetches `GET /v1/members` from `addr`, within `timeout`.
+pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<MembersJson, NodeError> {
+    let body = tokio::time::timeout(timeout, get(addr, "/v1/members"))
+        .await
+        .map_err(|_| unreachable(addr, format!("no answer within {timeout:?}")))?
+        .map_err(|e| unreachable(addr, e))?;
+    serde_json::from_slice(&body).map_err(|e| unreachable(addr, format!("bad JSON: {e}")))
+}
+
+/// One HTTP/1.1 GET; returns the body of a 200 answer.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    (&mut s)
+        .take(MAX_BODY as u64 + 64 * 1024)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    parse_response(&raw)
+}
+
+/// Splits an HTTP/1.1 response into its status and body; decodes a chunked body.
+pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the answer has no complete header")?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "the header is not UTF-8")?;
+    let body = &raw[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    let code = status.split(' ').nth(1).unwrap_or_default();
+    if !status.starts_with("HTTP/1.") || code.len() != 3 {
+        return Err(format!("not an HTTP answer: {status:?}"));
+    }
+    if code != "200" {
+        return Err(format!("the node answered {status:?}"));
+    }
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("transfer-encoding")
+                && v.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if !chunked {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("a chunk size line is cut")?;
+        let size_txt = std::str::from_utf8(&rest[..eol]).map_err(|_| "bad chunk size")?;
+        let size_txt = size_txt.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_txt, 16).map_err(|_| "bad chunk size")?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if rest.len() < size + 2 || out.len() + size > MAX_BODY {
+            return Err("a chunk is cut or the body is too large".into());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// Keeps the asked cluster, or explains why this node is not in it.
+pub fn select(all: MembersJson, cluster: Option<ClusterArg>) -> Result<MembersJson, NodeError> {
+    let Some(c) = cluster else {
+        return Ok(all);
+    };
+    let clusters: Vec<ClusterJson> = all
+        .clusters
+        .into_iter()
+        .filter(|x| x.cluster == c.name())
+        .collect();
+    if clusters.is_empty() {
+        return Err(NodeError::Config(format!(
+            "this node is not in the {} cluster: only schedulers are; use --cluster all",
+            c.name()
+        )));
+    }
+    Ok(MembersJson { clusters })
+}
+
+fn age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The text `node members` prints: per cluster a header with the version, then one line per
+/// member (address, UUID, role, state, age), oldest first, like `serf members`.
+pub fn render(m: &MembersJson) -> String {
+    let mut out = String::new();
+    for c in &m.clusters {
+        let _ = writeln!(
+            out,
+            "cluster {} (port {}): ver {}, {} members",
+            c.cluster,
+            c.port,
+            c.version,
+            c.members.len()
+        );
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<36}  {:<9} {:<6} {:>7}",
+            "ADDRESS", "UUID", "ROLE", "STATE", "AGE"
+        );
+        for x in &c.members {
+            let this = if x.this { "  this" } else { "" };
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<36}  {:<9} {:<6} {:>7}{this}",
+                x.address,
+                x.uuid,
+                x.role,
+                x.state,
+                age(x.age_seconds)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_and_a_chunked_body_decode_to_the_same_bytes() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(parse_response(plain).unwrap(), b"hello");
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn errors_name_the_status_or_the_damage() {
+        let e = parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        let e = parse_response(b"SSH-2.0-OpenSSH\r\n").unwrap_err();
+        assert!(e.contains("header"), "{e}");
+        let e = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab")
+            .unwrap_err();
+        assert!(e.contains("cut"), "{e}");
+    }
+
+    #[test]
+    fn ages_read_like_serf() {
+        assert_eq!(age(3.7), "3s");
+        assert_eq!(age(125.0), "2m5s");
+        assert_eq!(age(7300.0), "2h1m");
+    }
+}
