@@ -111,6 +111,15 @@ pub fn labels_filter(labels: &[LabelMatch]) -> String {
         .join(" AND ")
 }
 
+/// Whether labels satisfy every entry. Discovery never filters with this (the server does);
+/// it only keeps an explanation from calling a matching instance a mismatch.
+pub fn satisfies(labels: &[LabelMatch], have: &std::collections::HashMap<String, String>) -> bool {
+    labels.iter().all(|m| match m {
+        LabelMatch::Equals(k, v) => have.get(k) == Some(v),
+        LabelMatch::Exists(k) => have.contains_key(k),
+    })
+}
+
 /// Words why an instance's labels fail the entries; used only to explain an exclusion that the
 /// server already decided.
 pub fn describe_mismatch(

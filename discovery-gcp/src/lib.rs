@@ -866,7 +866,11 @@ impl GcpDiscovery {
                             Ok((seen, t)) => {
                                 truncated |= t;
                                 for s in seen {
-                                    if !labelled_keys.contains(&key(&s)) {
+                                    // An instance whose labels do match was only cut from the
+                                    // bounded labelled listing; it is not a mismatch.
+                                    if !labelled_keys.contains(&key(&s))
+                                        && !labels::satisfies(&self.config.labels, &s.labels)
+                                    {
                                         report.excluded.push(Exclusion {
                                             id: s.id(),
                                             reason: labels::describe_mismatch(

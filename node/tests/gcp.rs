@@ -95,15 +95,16 @@ fn nodes_in_netns_hosts_find_each_other_through_the_gce_fake_and_form_both_clust
         formed(5, procs.clone()),
     )
     .unwrap();
-    let logs = bed.logs();
-    for (id, _) in &procs {
-        let l = logs.last(*id, ALL).unwrap();
-        for m in &l.members {
-            assert_ne!(m.addr.ip(), stopped, "a stopped instance was joined");
-            assert_ne!(m.addr.ip(), other, "another cluster's instance was joined");
+    {
+        let logs = bed.logs();
+        for (id, _) in &procs {
+            let l = logs.last(*id, ALL).unwrap();
+            for m in &l.members {
+                assert_ne!(m.addr.ip(), stopped, "a stopped instance was joined");
+                assert_ne!(m.addr.ip(), other, "another cluster's instance was joined");
+            }
         }
     }
-    drop(logs);
     assert!(
         fake.tokens_issued() >= 5,
         "every node took its token from the metadata server"
