@@ -566,3 +566,20 @@ async fn bad_flags_are_refused_before_anything_is_contacted() {
     assert_eq!(f.metadata_requests(), 0);
     assert!(f.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_token_the_api_does_not_know_gets_401_worded_as_a_credential_problem() {
+    // Tokens come from another metadata server than the one the compute fake trusts.
+    let compute = fake();
+    let other_metadata = fake();
+    compute.add_zone(PROJECT, "us-central1-a");
+    let mut c = config(&compute, "", &["us-central1-a"]);
+    c.metadata_host = Some(other_metadata.metadata_host());
+    let e = backend(c).round(false).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, DiscoveryError::Unauthorized { .. }), "{msg}");
+    assert!(msg.contains("rejected the access token"), "{msg}");
+    assert!(msg.contains("GOOGLE_APPLICATION_CREDENTIALS"), "{msg}");
+    assert_eq!(other_metadata.tokens_issued(), 1);
+    assert_eq!(compute.requests()[0].status, 401);
+}
