@@ -154,27 +154,14 @@ impl Context {
         ip: IpAddr,
         port: u16,
     ) -> Result<Candidate, Exclusion> {
-        let id = id.into();
-        if ip == self.private_ip && port == self.private_port {
-            return Err(Exclusion {
-                id,
-                reason: "self".into(),
-            });
-        }
-        if let Some(net) = self.selector
-            && !net.contains(ip)
-        {
-            return Err(Exclusion {
-                id,
+        let c = self.classify_listed(id, ip, port)?;
+        match self.selector {
+            Some(net) if !net.contains(ip) => Err(Exclusion {
+                id: c.id.unwrap_or_default(),
                 reason: format!("{ip} is outside --private_ip_selector {net}"),
-            });
+            }),
+            _ => Ok(c),
         }
-        Ok(Candidate {
-            ip,
-            port,
-            id: Some(id),
-            role: None,
-        })
     }
 }
 

@@ -707,6 +707,11 @@ impl Engine {
 
     fn on_pull(&mut self, msg: PullMsg) {
         self.max_seen = self.max_seen.max(msg.have_ver);
+        if msg.have_coordinator != self.me.uuid && msg.have_ver >= self.list.ver {
+            // The puller holds another coordinator's list at our version or above (two
+            // coordinators issued at once); it adopts only a higher version, so issue one.
+            self.max_seen = self.max_seen.max(msg.have_ver + 1);
+        }
         self.reconcile();
         if self.coordinator == self.me.uuid
             && (msg.have_ver < self.list.ver || msg.have_coordinator != self.me.uuid)
@@ -1043,5 +1048,53 @@ impl Engine {
         for to in targets {
             self.send_list(to);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::id::Role;
+
+    #[test]
+    fn a_member_holding_another_coordinators_list_at_our_version_gets_a_higher_one() {
+        let a = NodeId::new(
+            "10.0.0.1:10081".parse().unwrap(),
+            Uuid::from_u128(1),
+            1,
+            Role::Worker,
+        );
+        let b = NodeId::new(
+            "10.0.0.2:10081".parse().unwrap(),
+            Uuid::from_u128(2),
+            2,
+            Role::Worker,
+        );
+        let mut e = Engine::new(a, 7, Config::lan(), 1, Duration::ZERO);
+        // Alone, `a` is its own coordinator; it has issued ver 2 while `b`, coordinating a
+        // different view at the same moment, also issued a ver 2.
+        e.list.ver = 2;
+        e.max_seen = 2;
+        e.coordinator = a.uuid;
+        e.on_pull(PullMsg {
+            from: b,
+            have_ver: 2,
+            have_coordinator: b.uuid,
+        });
+        assert!(
+            e.list.ver > 2,
+            "ver stayed {}: b would never adopt it",
+            e.list.ver
+        );
+        assert_eq!(e.list.coordinator, a.uuid);
+        // A member that already holds our list at our version causes no new version.
+        let ver = e.list.ver;
+        e.now += Duration::from_secs(1);
+        e.on_pull(PullMsg {
+            from: b,
+            have_ver: ver,
+            have_coordinator: a.uuid,
+        });
+        assert_eq!(e.list.ver, ver);
     }
 }

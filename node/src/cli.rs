@@ -213,6 +213,17 @@ pub struct Flags {
     #[command(flatten, next_help_heading = "GCP discovery (--discovery=gcp)")]
     pub gcp: backends::gcp::GcpFlags,
 
+    /// Kubernetes discovery.
+    #[command(flatten, next_help_heading = "Kubernetes discovery (--discovery=k8s)")]
+    pub k8s: backends::k8s::K8sFlags,
+
+    /// Multicast discovery.
+    #[command(
+        flatten,
+        next_help_heading = "Multicast discovery (--discovery=multicast)"
+    )]
+    pub multicast: backends::multicast::MulticastFlags,
+
     /// Logging.
     #[command(
         flatten,

@@ -1,0 +1,218 @@
+//! Every manifest in deploy/k8s parses as its k8s-openapi type with no field left over, so a
+//! typo in a field name or a value of the wrong type fails CI.
+
+use std::path::PathBuf;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s")
+}
+
+/// Parses `doc` as `T` and checks that serialising it again gives the same document: serde
+/// ignores unknown fields, so a misspelt one shows up as a difference.
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, file: &str) -> T {
+    let typed: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", doc["kind"]));
+    let again = serde_json::to_value(&typed).unwrap();
+    if let Some(path) = first_difference(doc, &again, String::new()) {
+        panic!(
+            "{file}: {} has a field k8s-openapi does not know, or a wrong value, at {path}",
+            doc["kind"]
+        );
+    }
+    typed
+}
+
+fn first_difference(a: &Value, b: &Value, path: String) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                let p = format!("{path}.{k}");
+                let Some(w) = y.get(k) else { return Some(p) };
+                if let Some(d) = first_difference(v, w, p) {
+                    return Some(d);
+                }
+            }
+            None
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_difference(v, w, format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(path),
+    }
+}
+
+fn documents() -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(deploy_dir())
+        .expect("deploy/k8s exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            text.starts_with('#'),
+            "{name} must start with a comment saying why it exists"
+        );
+        for de in serde_yaml::Deserializer::from_str(&text) {
+            let doc = Value::deserialize(de).unwrap_or_else(|e| panic!("{name}: {e}"));
+            if !doc.is_null() {
+                out.push((name.clone(), doc));
+            }
+        }
+    }
+    out
+}
+
+fn check_node_container(file: &str, t: &PodTemplateSpec) -> Container {
+    let spec = t.spec.as_ref().expect("pod spec");
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("cluster-start"),
+        "{file}"
+    );
+    let c = spec.containers[0].clone();
+    let env = c.env.clone().unwrap_or_default();
+    let pod_ip = env.iter().find(|e| e.name == "POD_IP").expect("POD_IP");
+    let field = pod_ip
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("status.podIP"), "{file}");
+    let sel = env
+        .iter()
+        .find(|e| e.name == "NODE_PRIVATE_IP_SELECTOR")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(sel, Some("$(POD_IP)/32"), "{file}");
+    let pos = |n: &str| env.iter().position(|e| e.name == n).unwrap();
+    assert!(
+        pos("POD_IP") < pos("NODE_PRIVATE_IP_SELECTOR"),
+        "{file}: $(POD_IP) only expands if POD_IP comes first"
+    );
+    let discovery = env
+        .iter()
+        .find(|e| e.name == "NODE_DISCOVERY")
+        .and_then(|e| e.value.as_deref());
+    assert_eq!(discovery, Some("k8s"), "{file}");
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("private")),
+        "{file}: the container port named `private` tells peers the --private_port"
+    );
+    c
+}
+
+#[test]
+fn every_manifest_parses_strictly_and_fits_together() {
+    let mut kinds = Vec::new();
+    for (file, doc) in documents() {
+        let kind = doc["kind"].as_str().unwrap_or("").to_owned();
+        match kind.as_str() {
+            "ServiceAccount" => {
+                strict::<ServiceAccount>(&doc, &file);
+            }
+            "Role" => {
+                let r: Role = strict(&doc, &file);
+                let rules = r.rules.unwrap_or_default();
+                let pods = rules
+                    .iter()
+                    .find(|r| r.resources.iter().flatten().any(|x| x == "pods"))
+                    .expect("a rule on pods");
+                assert_eq!(pods.api_groups.as_deref(), Some(&[String::new()][..]));
+                for verb in ["get", "list", "watch"] {
+                    assert!(pods.verbs.iter().any(|v| v == verb), "pods {verb}");
+                }
+            }
+            "RoleBinding" => {
+                let b: RoleBinding = strict(&doc, &file);
+                assert_eq!(b.role_ref.kind, "Role");
+                assert_eq!(b.role_ref.name, "cluster-start-discovery");
+            }
+            "Service" => {
+                let s: Service = strict(&doc, &file);
+                let spec = s.spec.unwrap();
+                assert_eq!(spec.cluster_ip.as_deref(), Some("None"), "headless");
+            }
+            "StatefulSet" => {
+                let s: StatefulSet = strict(&doc, &file);
+                let c = check_node_container(&file, &s.spec.unwrap().template);
+                assert!(c.args.unwrap().contains(&"scheduler".to_owned()));
+            }
+            "Deployment" => {
+                let d: Deployment = strict(&doc, &file);
+                let c = check_node_container(&file, &d.spec.unwrap().template);
+                assert!(c.args.unwrap().contains(&"worker".to_owned()));
+            }
+            other => panic!("{file}: unexpected kind `{other}`"),
+        }
+        kinds.push(kind);
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "StatefulSet"
+        ]
+    );
+}
+
+#[test]
+fn the_minimal_example_in_deploy_kubernetes_parses_strictly_too() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("deploy/kubernetes exists") {
+        let path = entry.unwrap().path();
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for de in serde_yaml::Deserializer::from_str(&text) {
+            let doc = Value::deserialize(de).unwrap_or_else(|e| panic!("{name}: {e}"));
+            match doc["kind"].as_str() {
+                Some("ServiceAccount") => {
+                    let _ = strict::<ServiceAccount>(&doc, &name);
+                }
+                Some("Role") => {
+                    let _ = strict::<Role>(&doc, &name);
+                }
+                Some("RoleBinding") => {
+                    let _ = strict::<RoleBinding>(&doc, &name);
+                }
+                Some("Deployment") => {
+                    let _ = strict::<Deployment>(&doc, &name);
+                }
+                other => panic!("{name}: unexpected kind {other:?}"),
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 0);
+}
+
+#[test]
+fn a_misspelt_field_is_caught() {
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "x", "lables": {"a": "b"}},
+    });
+    let r = std::panic::catch_unwind(|| strict::<ServiceAccount>(&doc, "test"));
+    assert!(r.is_err());
+}

@@ -1,0 +1,813 @@
+//! Multicast discovery: nodes on one L2 network announce themselves on a multicast group and
+//! listen there, so no one needs to know the others' addresses beforehand.
+//!
+//! - The group is joined only on the interface that holds the private IP, and announcements
+//!   leave through it (`IP_MULTICAST_IF`) with `--multicast_ttl` (1 by default: one subnet).
+//! - Announcements ([`Announcement`]: format version, cluster name, role, UUID, private address
+//!   and port, interval) go out every [`ALONE_INTERVAL`] while the node is alone and back off
+//!   to [`announce_interval`] once `Context::members` shows a cluster, with ±25 % jitter.
+//! - The listener keeps a bounded [`table::Table`] of peers heard recently, each expiring after
+//!   it missed a few announcements, and publishes it as a `Snapshot` whenever it changes.
+//! - Other cluster names, this node's own echo and peers outside `--private_ip_selector` are
+//!   ignored; garbage, oversized or unauthenticated datagrams are dropped and counted
+//!   ([`Stats`]), and reported in a rate-limited warning, never a crash.
+//! - [`codec::Seal`] is the seam where the cluster key's authentication plugs in.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use discovery::{
+    BoxFuture, Candidate, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver,
+    Report, Snapshot,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+pub mod codec;
+pub mod table;
+
+pub use codec::{Announcement, MAX_DATAGRAM, Plaintext, Seal};
+use table::{Insert, MAX_PEERS, Table};
+
+/// The announcement interval while the node is alone.
+pub const ALONE_INTERVAL: Duration = Duration::from_secs(1);
+/// The announcement interval once the node is in a cluster of up to 32.
+pub const JOINED_INTERVAL: Duration = Duration::from_secs(3);
+/// The longest announcement interval, reached by clusters of 320 and more.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a warning about dropped datagrams may be logged.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The pause between announcements for an all-instances list of `members`.
+///
+/// Alone: [`ALONE_INTERVAL`], so a new or cut-off node is found fast. In a cluster:
+/// [`JOINED_INTERVAL`] per started 32 members, at most [`MAX_INTERVAL`], so the group carries
+/// about 10 announcements a second whatever the cluster size.
+pub fn announce_interval(members: usize) -> Duration {
+    if members <= 1 {
+        return ALONE_INTERVAL;
+    }
+    let steps = members.div_ceil(32).max(1) as u32;
+    (JOINED_INTERVAL * steps).min(MAX_INTERVAL)
+}
+
+/// Why multicast discovery failed or dropped a datagram.
+#[derive(Debug, thiserror::Error)]
+pub enum MulticastError {
+    /// The flags do not make a usable configuration.
+    #[error("invalid multicast configuration: {0}")]
+    Config(String),
+    /// A socket operation failed.
+    #[error("cannot {what}: {source}")]
+    Socket {
+        /// What was being done, and which flag sets it.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A datagram is not a valid announcement.
+    #[error("malformed announcement: {0}")]
+    Malformed(&'static str),
+    /// A datagram is longer than any announcement.
+    #[error("oversized datagram of {0} bytes (announcements are at most {MAX_DATAGRAM})")]
+    Oversized(usize),
+    /// A datagram did not pass the seal's check.
+    #[error("announcement failed authentication")]
+    Unauthenticated,
+}
+
+impl From<MulticastError> for DiscoveryError {
+    fn from(e: MulticastError) -> Self {
+        match e {
+            MulticastError::Socket { what, source } => DiscoveryError::Unreachable {
+                backend: "multicast",
+                message: format!("cannot {what}: {source}"),
+                source: Some(Box::new(source)),
+            },
+            other => DiscoveryError::Config(other.to_string()),
+        }
+    }
+}
+
+/// The multicast flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MulticastConfig {
+    /// `--multicast_group`: an IPv4 multicast address.
+    pub group: Ipv4Addr,
+    /// `--multicast_port`.
+    pub port: u16,
+    /// `--multicast_ttl`: 1 keeps announcements on the local subnet.
+    pub ttl: u32,
+    /// `--multicast_loopback`: also deliver announcements to this host, for single-host demos.
+    pub loopback: bool,
+    /// How long one [`Discover::discover`] round (`node discover`) listens.
+    pub listen_window: Duration,
+}
+
+impl Default for MulticastConfig {
+    fn default() -> Self {
+        Self {
+            group: Ipv4Addr::new(224, 2, 2, 3),
+            port: 54327,
+            ttl: 1,
+            loopback: false,
+            listen_window: Duration::from_secs(4),
+        }
+    }
+}
+
+/// Counters of what the listener received and sent.
+#[derive(Debug, Default)]
+pub struct Stats {
+    received: AtomicU64,
+    accepted: AtomicU64,
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+    malformed: AtomicU64,
+    oversized: AtomicU64,
+    unauthenticated: AtomicU64,
+    foreign_cluster: AtomicU64,
+    own: AtomicU64,
+    excluded: AtomicU64,
+    table_full: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Datagrams received.
+    pub received: u64,
+    /// Announcements of peers of this cluster.
+    pub accepted: u64,
+    /// Announcements sent.
+    pub sent: u64,
+    /// Announcements that could not be sent.
+    pub send_errors: u64,
+    /// Datagrams that are not announcements (including a source that is not the announced IP).
+    pub malformed: u64,
+    /// Datagrams longer than [`MAX_DATAGRAM`].
+    pub oversized: u64,
+    /// Datagrams the seal rejected.
+    pub unauthenticated: u64,
+    /// Announcements of another cluster name.
+    pub foreign_cluster: u64,
+    /// This node's own announcements, looped back.
+    pub own: u64,
+    /// Peers outside `--private_ip_selector`.
+    pub excluded: u64,
+    /// New peers dropped because the table was full.
+    pub table_full: u64,
+}
+
+impl Stats {
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            received: g(&self.received),
+            accepted: g(&self.accepted),
+            sent: g(&self.sent),
+            send_errors: g(&self.send_errors),
+            malformed: g(&self.malformed),
+            oversized: g(&self.oversized),
+            unauthenticated: g(&self.unauthenticated),
+            foreign_cluster: g(&self.foreign_cluster),
+            own: g(&self.own),
+            excluded: g(&self.excluded),
+            table_full: g(&self.table_full),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What one datagram turned out to be.
+#[derive(Debug)]
+enum Heard {
+    /// A peer of this cluster.
+    Peer(Announcement),
+    /// An announcement that was seen and skipped.
+    Skipped(Exclusion),
+    /// Not an announcement: dropped.
+    Dropped(MulticastError),
+}
+
+#[derive(Debug)]
+struct Sockets {
+    recv: std::net::UdpSocket,
+    send: std::net::UdpSocket,
+}
+
+/// The multicast backend.
+#[derive(Debug)]
+pub struct MulticastDiscovery {
+    cfg: MulticastConfig,
+    ctx: Context,
+    ip: Ipv4Addr,
+    seal: Arc<dyn Seal>,
+    stats: Arc<Stats>,
+    sockets: Mutex<Option<Sockets>>,
+}
+
+impl MulticastDiscovery {
+    /// Checks the configuration and opens the sockets, so that a bad group, a taken port or an
+    /// interface without multicast fails at start-up with a clear message.
+    pub fn new(cfg: MulticastConfig, ctx: Context) -> Result<Self, MulticastError> {
+        if !cfg.group.is_multicast() {
+            return Err(MulticastError::Config(format!(
+                "--multicast_group {} is not a multicast address: use one in 224.0.0.0/4, e.g. the default 224.2.2.3",
+                cfg.group
+            )));
+        }
+        if cfg.port == 0 {
+            return Err(MulticastError::Config(
+                "--multicast_port must be 1 to 65535".into(),
+            ));
+        }
+        if !(1..=255).contains(&cfg.ttl) {
+            return Err(MulticastError::Config(format!(
+                "--multicast_ttl {} is out of range: use 1 (one subnet, the default) to 255",
+                cfg.ttl
+            )));
+        }
+        let IpAddr::V4(ip) = ctx.private_ip else {
+            return Err(MulticastError::Config(format!(
+                "multicast discovery needs an IPv4 private address, but {} was chosen: pick an IPv4 one with --private_ip_selector",
+                ctx.private_ip
+            )));
+        };
+        if ctx.cluster_name.is_empty() || ctx.cluster_name.len() > 255 {
+            return Err(MulticastError::Config(
+                "--cluster_name must be 1 to 255 bytes for multicast announcements".into(),
+            ));
+        }
+        let d = Self {
+            cfg,
+            ctx,
+            ip,
+            seal: Arc::new(Plaintext),
+            stats: Arc::new(Stats::default()),
+            sockets: Mutex::new(None),
+        };
+        let s = d.open_sockets()?;
+        *d.sockets.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+        Ok(d)
+    }
+
+    /// Replaces the [`Plaintext`] seal, e.g. with the cluster key's authentication.
+    pub fn with_seal(mut self, seal: Arc<dyn Seal>) -> Self {
+        self.seal = seal;
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn open_sockets(&self) -> Result<Sockets, MulticastError> {
+        let (group, port, ip) = (self.cfg.group, self.cfg.port, self.ip);
+        let err = |what: String| move |source| MulticastError::Socket { what, source };
+        let recv = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err("create a UDP socket".into()))?;
+        recv.set_reuse_address(true)
+            .map_err(err("set SO_REUSEADDR".into()))?;
+        recv.set_reuse_port(true)
+            .map_err(err("set SO_REUSEPORT".into()))?;
+        // Bound to the group, the socket receives this group's datagrams only.
+        recv.bind(&SocketAddrV4::new(group, port).into())
+            .map_err(err(format!(
+                "listen on {group}:{port} (--multicast_group, --multicast_port)"
+            )))?;
+        recv.join_multicast_v4(&group, &ip).map_err(err(format!(
+            "join {group} on the interface holding {ip}: check that it supports multicast and has a route, or change --private_ip_selector"
+        )))?;
+        // Only the group joined on this socket, not those other sockets on the host joined.
+        let _ = recv.set_multicast_all_v4(false);
+        recv.set_nonblocking(true)
+            .map_err(err("make the socket non-blocking".into()))?;
+
+        let send = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err("create a UDP socket".into()))?;
+        send.bind(&SocketAddrV4::new(ip, 0).into())
+            .map_err(err(format!("bind the announcement socket to {ip}")))?;
+        send.set_multicast_if_v4(&ip).map_err(err(format!(
+            "send multicast from the interface holding {ip}"
+        )))?;
+        send.set_multicast_ttl_v4(self.cfg.ttl)
+            .map_err(err("set --multicast_ttl".into()))?;
+        send.set_multicast_loop_v4(self.cfg.loopback)
+            .map_err(err("set --multicast_loopback".into()))?;
+        send.set_nonblocking(true)
+            .map_err(err("make the socket non-blocking".into()))?;
+        Ok(Sockets {
+            recv: recv.into(),
+            send: send.into(),
+        })
+    }
+
+    /// The sockets opened by `new`, or fresh ones if a previous round took them.
+    fn take_sockets(&self) -> Result<(UdpSocket, UdpSocket), MulticastError> {
+        let taken = self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let s = match taken {
+            Some(s) => s,
+            None => self.open_sockets()?,
+        };
+        let tokio = |s: std::net::UdpSocket| {
+            UdpSocket::from_std(s).map_err(|source| MulticastError::Socket {
+                what: "register the socket with the runtime".into(),
+                source,
+            })
+        };
+        Ok((tokio(s.recv)?, tokio(s.send)?))
+    }
+
+    /// This node's announcement, promising the next one within `interval`.
+    pub fn announcement(&self, interval: Duration) -> Announcement {
+        let ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+        Announcement {
+            cluster_name: self.ctx.cluster_name.clone(),
+            role: self.ctx.role,
+            node_id: self.ctx.node_id,
+            ip: self.ip,
+            port: self.ctx.private_port,
+            interval_ms: ms.clamp(*codec::INTERVAL_MS.start(), *codec::INTERVAL_MS.end()),
+        }
+    }
+
+    /// Sorts one received datagram, counting it.
+    fn hear(&self, datagram: &[u8], src: SocketAddr) -> Heard {
+        let s = &self.stats;
+        bump(&s.received);
+        if datagram.len() > MAX_DATAGRAM {
+            bump(&s.oversized);
+            return Heard::Dropped(MulticastError::Oversized(datagram.len()));
+        }
+        let plain = match self.seal.open(datagram) {
+            Ok(p) => p,
+            Err(e) => {
+                bump(&s.unauthenticated);
+                return Heard::Dropped(e);
+            }
+        };
+        let a = match Announcement::decode(&plain) {
+            Ok(a) => a,
+            Err(e) => {
+                bump(&s.malformed);
+                return Heard::Dropped(e);
+            }
+        };
+        if src.ip() != a.addr() {
+            bump(&s.malformed);
+            return Heard::Dropped(MulticastError::Malformed(
+                "the source address is not the announced address",
+            ));
+        }
+        let id = format!("{}:{} {}", a.ip, a.port, a.node_id);
+        if a.cluster_name != self.ctx.cluster_name {
+            bump(&s.foreign_cluster);
+            return Heard::Skipped(Exclusion {
+                id,
+                reason: format!(
+                    "cluster name `{}`, this node's is `{}`",
+                    a.cluster_name, self.ctx.cluster_name
+                ),
+            });
+        }
+        if a.node_id == self.ctx.node_id {
+            bump(&s.own);
+            return Heard::Skipped(Exclusion {
+                id,
+                reason: "self".into(),
+            });
+        }
+        match self.ctx.classify(id, a.addr(), a.port) {
+            Ok(_) => {
+                bump(&s.accepted);
+                Heard::Peer(a)
+            }
+            Err(x) => {
+                bump(&s.excluded);
+                Heard::Skipped(x)
+            }
+        }
+    }
+
+    async fn announce(&self, send: &UdpSocket, interval: Duration, warn: &mut Warner) {
+        let to = SocketAddr::V4(SocketAddrV4::new(self.cfg.group, self.cfg.port));
+        let bytes = match self.announcement(interval).encode() {
+            Ok(b) => self.seal.seal(b),
+            Err(e) => {
+                // `new` checked the name, so this cannot happen; log rather than crash.
+                tracing::error!("cannot encode the announcement: {e}");
+                return;
+            }
+        };
+        match send.send_to(&bytes, to).await {
+            Ok(_) => bump(&self.stats.sent),
+            Err(e) => {
+                bump(&self.stats.send_errors);
+                warn.maybe(|| {
+                    tracing::warn!(
+                        group = %to,
+                        "cannot send the multicast announcement ({e}); retrying at the next interval"
+                    );
+                });
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, tx: watch::Sender<Snapshot>, observer: Arc<dyn RefreshObserver>) {
+        let mut backoff = Duration::from_secs(1);
+        let (recv, send) = loop {
+            match self.take_sockets() {
+                Ok(s) => break s,
+                Err(e) => {
+                    let e = DiscoveryError::from(e);
+                    tracing::error!(backend = "multicast", "{e}; retrying in {backoff:?}");
+                    observer.round(Duration::ZERO, Err(&e));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_INTERVAL);
+                }
+            }
+        };
+        tracing::info!(
+            group = %self.cfg.group,
+            port = self.cfg.port,
+            interface_ip = %self.ip,
+            ttl = self.cfg.ttl,
+            "multicast discovery listening and announcing"
+        );
+        let mut refreshes = 1u64;
+        tx.send_replace(Snapshot {
+            candidates: Vec::new(),
+            refreshes,
+        });
+        observer.round(Duration::ZERO, Ok(0));
+        let mut published: Vec<Candidate> = Vec::new();
+        let mut table = Table::new(MAX_PEERS);
+        let mut members = self.ctx.members.clone();
+        let mut members_open = true;
+        let mut next_announce = Instant::now() + discovery::jitter(Duration::from_millis(200));
+        let mut expiry = tokio::time::interval(Duration::from_millis(250));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut drops = Warner::default();
+        let mut send_warn = Warner::default();
+        loop {
+            let mut changed = false;
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(next_announce) => {
+                    let interval = announce_interval(*members.borrow());
+                    self.announce(&send, interval, &mut send_warn).await;
+                    next_announce = Instant::now() + jittered(interval);
+                }
+                r = members.changed(), if members_open => match r {
+                    Ok(()) => {
+                        // Alone again: announce soon, so the way back is found quickly.
+                        let alone = announce_interval(*members.borrow_and_update());
+                        let soon = Instant::now() + discovery::jitter(alone);
+                        if soon < next_announce {
+                            next_announce = soon;
+                        }
+                    }
+                    Err(_) => members_open = false,
+                },
+                r = recv.recv_from(&mut buf) => match r {
+                    Ok((n, src)) => match self.hear(&buf[..n], src) {
+                        Heard::Peer(a) => match table.insert(&a, Instant::now().into_std()) {
+                            Insert::New | Insert::Replaced => changed = true,
+                            Insert::Refreshed => {}
+                            Insert::Full => {
+                                bump(&self.stats.table_full);
+                                drops.maybe(|| tracing::warn!(
+                                    peers = table.len(),
+                                    "the multicast peer table is full; announcements from new addresses are dropped until entries expire"
+                                ));
+                            }
+                        },
+                        Heard::Skipped(x) => tracing::debug!(peer = %x.id, reason = %x.reason, "announcement skipped"),
+                        Heard::Dropped(e) => {
+                            let st = self.stats.snapshot();
+                            drops.maybe(|| tracing::warn!(
+                                from = %src,
+                                malformed = st.malformed,
+                                oversized = st.oversized,
+                                unauthenticated = st.unauthenticated,
+                                "dropped a datagram on the multicast group: {e} (counts are totals; at most one warning a minute)"
+                            ));
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!("multicast receive failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = expiry.tick() => {
+                    changed = table.expire(Instant::now().into_std()) > 0;
+                }
+            }
+            if changed {
+                let now = table.candidates();
+                if now != published {
+                    refreshes += 1;
+                    observer.round(Duration::ZERO, Ok(now.len()));
+                    tracing::debug!(candidates = now.len(), "multicast candidates changed");
+                    tx.send_replace(Snapshot {
+                        candidates: now.clone(),
+                        refreshes,
+                    });
+                    published = now;
+                }
+            }
+        }
+    }
+}
+
+/// `interval` with ±25 % jitter, so a fleet started together does not announce in step.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.75) + discovery::jitter(interval / 2)
+}
+
+/// Lets a warning through at most once per [`WARN_EVERY`].
+#[derive(Debug, Default)]
+struct Warner {
+    last: Option<Instant>,
+}
+
+impl Warner {
+    fn maybe(&mut self, log: impl FnOnce()) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= WARN_EVERY)
+        {
+            self.last = Some(now);
+            log();
+        }
+    }
+}
+
+/// The most distinct exclusions one `discover` round reports.
+const MAX_EXCLUSIONS: usize = 256;
+
+impl Discover for MulticastDiscovery {
+    fn name(&self) -> &'static str {
+        "multicast"
+    }
+
+    /// Listens for [`MulticastConfig::listen_window`] without announcing (a one-shot run has
+    /// no cluster ports to join), and reports the peers heard and what was skipped.
+    fn discover(&self) -> BoxFuture<'_, Result<Report, DiscoveryError>> {
+        Box::pin(async move {
+            let (recv, _send) = self.take_sockets()?;
+            let deadline = Instant::now() + self.cfg.listen_window;
+            let mut table = Table::new(MAX_PEERS);
+            let mut skipped: BTreeMap<String, String> = BTreeMap::new();
+            let mut drops: BTreeMap<String, (u64, SocketAddr)> = BTreeMap::new();
+            let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    r = recv.recv_from(&mut buf) => {
+                        let Ok((n, src)) = r else { continue };
+                        match self.hear(&buf[..n], src) {
+                            Heard::Peer(a) => {
+                                table.insert(&a, Instant::now().into_std());
+                            }
+                            Heard::Skipped(x) => {
+                                if skipped.len() < MAX_EXCLUSIONS || skipped.contains_key(&x.id) {
+                                    skipped.insert(x.id, x.reason);
+                                }
+                            }
+                            Heard::Dropped(e) => {
+                                if drops.len() < MAX_EXCLUSIONS || drops.contains_key(&e.to_string()) {
+                                    let d = drops.entry(e.to_string()).or_insert((0, src));
+                                    *d = (d.0 + 1, src);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut excluded: Vec<Exclusion> = skipped
+                .into_iter()
+                .map(|(id, reason)| Exclusion { id, reason })
+                .collect();
+            excluded.extend(drops.into_iter().map(|(reason, (n, src))| Exclusion {
+                id: format!("{n} datagram(s), last from {src}"),
+                reason,
+            }));
+            Ok(Report {
+                candidates: table.candidates(),
+                excluded,
+            })
+        })
+    }
+
+    fn watch(
+        self: Arc<Self>,
+        _refresh: Refresh,
+        tx: watch::Sender<Snapshot>,
+        observer: Arc<dyn RefreshObserver>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.run(tx, observer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use discovery::Role;
+    use uuid::Uuid;
+
+    #[test]
+    fn announcements_back_off_in_a_cluster_and_stay_bounded() {
+        assert_eq!(announce_interval(0), ALONE_INTERVAL);
+        assert_eq!(announce_interval(1), ALONE_INTERVAL);
+        assert_eq!(announce_interval(2), JOINED_INTERVAL);
+        assert_eq!(announce_interval(32), JOINED_INTERVAL);
+        assert_eq!(announce_interval(33), JOINED_INTERVAL * 2);
+        assert_eq!(announce_interval(100_000), MAX_INTERVAL);
+        for _ in 0..1000 {
+            let j = jittered(JOINED_INTERVAL);
+            assert!(j >= JOINED_INTERVAL.mul_f64(0.75) && j <= JOINED_INTERVAL.mul_f64(1.25));
+        }
+    }
+
+    fn ctx(selector: &str) -> Context {
+        Context::standalone(
+            "blue",
+            Role::Worker,
+            "127.0.0.1".parse().unwrap(),
+            8081,
+            Some(selector.parse().unwrap()),
+        )
+    }
+
+    fn backend(ctx: Context) -> MulticastDiscovery {
+        // An unused group and port: nothing is sent by these tests.
+        let cfg = MulticastConfig {
+            group: Ipv4Addr::new(239, 255, 77, 1),
+            port: 54399,
+            ..MulticastConfig::default()
+        };
+        MulticastDiscovery::new(cfg, ctx).unwrap()
+    }
+
+    fn from(ip: &str) -> SocketAddr {
+        SocketAddr::new(ip.parse().unwrap(), 40000)
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_fix() {
+        let bad = |cfg: MulticastConfig| {
+            MulticastDiscovery::new(cfg, ctx("127.0.0.0/8"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(MulticastConfig {
+            group: Ipv4Addr::new(10, 0, 0, 1),
+            ..MulticastConfig::default()
+        });
+        assert!(
+            e.contains("not a multicast address") && e.contains("224.2.2.3"),
+            "{e}"
+        );
+        let e = bad(MulticastConfig {
+            ttl: 0,
+            ..MulticastConfig::default()
+        });
+        assert!(e.contains("--multicast_ttl"), "{e}");
+        let v6 = Context::standalone("blue", Role::Worker, "::1".parse().unwrap(), 8081, None);
+        let e = MulticastDiscovery::new(MulticastConfig::default(), v6)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("IPv4") && e.contains("--private_ip_selector"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn datagrams_are_sorted_and_counted() {
+        let me = ctx("127.0.0.0/8");
+        let my_id = me.node_id;
+        let d = backend(me);
+        let peer = Announcement {
+            cluster_name: "blue".into(),
+            role: Role::Scheduler,
+            node_id: Uuid::from_u128(7),
+            ip: Ipv4Addr::new(127, 0, 0, 7),
+            port: 8081,
+            interval_ms: 1000,
+        };
+        let enc = |a: &Announcement| a.encode().unwrap();
+        assert!(matches!(
+            d.hear(&enc(&peer), from("127.0.0.7")),
+            Heard::Peer(_)
+        ));
+        // Another cluster name.
+        let red = Announcement {
+            cluster_name: "red".into(),
+            ..peer.clone()
+        };
+        match d.hear(&enc(&red), from("127.0.0.7")) {
+            Heard::Skipped(x) => assert!(x.reason.contains("`red`"), "{}", x.reason),
+            other => panic!("{other:?}"),
+        }
+        // Our own echo.
+        let own = Announcement {
+            node_id: my_id,
+            ..peer.clone()
+        };
+        assert!(
+            matches!(d.hear(&enc(&own), from("127.0.0.7")), Heard::Skipped(x) if x.reason == "self")
+        );
+        // A source that is not the announced address.
+        assert!(matches!(
+            d.hear(&enc(&peer), from("127.0.0.8")),
+            Heard::Dropped(MulticastError::Malformed(_))
+        ));
+        // Garbage and oversized datagrams.
+        assert!(matches!(
+            d.hear(b"GET / HTTP/1.1\r\n", from("127.0.0.9")),
+            Heard::Dropped(MulticastError::Malformed(_))
+        ));
+        assert!(matches!(
+            d.hear(&[0u8; MAX_DATAGRAM + 1], from("127.0.0.9")),
+            Heard::Dropped(MulticastError::Oversized(_))
+        ));
+        let s = d.stats();
+        assert_eq!(
+            (
+                s.received,
+                s.accepted,
+                s.foreign_cluster,
+                s.own,
+                s.malformed,
+                s.oversized
+            ),
+            (6, 1, 1, 1, 2, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn peers_outside_the_selector_are_excluded() {
+        let d = backend(ctx("127.0.0.0/30"));
+        let a = Announcement {
+            cluster_name: "blue".into(),
+            role: Role::Worker,
+            node_id: Uuid::from_u128(9),
+            ip: Ipv4Addr::new(127, 0, 0, 9),
+            port: 8081,
+            interval_ms: 1000,
+        };
+        match d.hear(&a.encode().unwrap(), from("127.0.0.9")) {
+            Heard::Skipped(x) => assert!(x.reason.contains("outside"), "{}", x.reason),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(d.stats().excluded, 1);
+    }
+
+    /// Rejects every datagram, like a seal with the wrong key.
+    #[derive(Debug)]
+    struct WrongKey;
+
+    impl Seal for WrongKey {
+        fn seal(&self, payload: Vec<u8>) -> Vec<u8> {
+            payload
+        }
+        fn open(&self, _datagram: &[u8]) -> Result<Vec<u8>, MulticastError> {
+            Err(MulticastError::Unauthenticated)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_seal_sees_every_datagram_before_the_decoder() {
+        let d = backend(ctx("127.0.0.0/8")).with_seal(Arc::new(WrongKey));
+        let a = d.announcement(ALONE_INTERVAL).encode().unwrap();
+        assert!(matches!(
+            d.hear(&a, from("127.0.0.1")),
+            Heard::Dropped(MulticastError::Unauthenticated)
+        ));
+        assert_eq!(d.stats().unauthenticated, 1);
+    }
+}
