@@ -105,6 +105,11 @@ fn nodes_in_netns_hosts_find_each_other_through_the_gce_fake_and_form_both_clust
             }
         }
     }
+    // The lists can form before a node's own first listing ends (peers join it), so wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while fake.tokens_issued() < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         fake.tokens_issued() >= 5,
         "every node took its token from the metadata server"
