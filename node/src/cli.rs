@@ -221,6 +221,10 @@ pub struct Flags {
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
     pub static_: backends::static_::StaticFlags,
 
+    /// GCP discovery.
+    #[command(flatten, next_help_heading = "GCP discovery (--discovery=gcp)")]
+    pub gcp: backends::gcp::GcpFlags,
+
     /// Kubernetes discovery.
     #[command(flatten, next_help_heading = "Kubernetes discovery (--discovery=k8s)")]
     pub k8s: backends::k8s::K8sFlags,

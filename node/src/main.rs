@@ -41,6 +41,9 @@ fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // Both rustls providers are linked (ring for kube, aws-lc-rs for the Google SDK), so rustls
+    // cannot pick one by itself: install ring as the process default before any TLS client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -9,6 +9,7 @@ use discovery::{Context, Discover, DiscoveryError};
 
 use crate::cli::{DiscoveryArg, Flags};
 
+pub mod gcp;
 pub mod k8s;
 pub mod multicast;
 pub mod static_;
@@ -19,6 +20,7 @@ pub fn build(flags: &Flags, ctx: Context) -> Result<Arc<dyn Discover>, Discovery
         DiscoveryArg::K8s => k8s::build(&flags.k8s, ctx),
         DiscoveryArg::Multicast => multicast::build(&flags.multicast, ctx),
         DiscoveryArg::Static => static_::build(&flags.static_, ctx),
+        DiscoveryArg::Gcp => gcp::build(&flags.gcp, ctx),
         other => Err(DiscoveryError::NotBuilt(other.name())),
     }
 }
