@@ -129,6 +129,10 @@ pub struct Flags {
     /// Static discovery.
     #[command(flatten, next_help_heading = "Static discovery (--discovery=static)")]
     pub static_: backends::static_::StaticFlags,
+
+    /// EC2 discovery.
+    #[command(flatten, next_help_heading = "EC2 discovery (--discovery=aws)")]
+    pub aws: backends::aws::AwsFlags,
 }
 
 #[cfg(test)]

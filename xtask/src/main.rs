@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 mod demo;
+mod localstack;
 mod sh;
 mod test;
 
@@ -15,13 +16,17 @@ commands:
   demo    start 2 schedulers and 3 workers on 127.0.0.11-15, show the cluster forming,
           kill one worker with SIGKILL, show its removal, then stop (Ctrl-C stops early)
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
-          and every test";
+          and every test (LocalStack runs for the AWS backend's tests)
+  localstack [ADDR]
+          run LocalStack (EC2) on ADDR (default 127.0.0.1:4566) until Ctrl-C, for
+          `LOCALSTACK_ENDPOINT=http://ADDR cargo test -p discovery-aws`";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
+        Some("localstack") => localstack::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

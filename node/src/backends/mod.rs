@@ -9,12 +9,14 @@ use discovery::{Context, Discover, DiscoveryError};
 
 use crate::cli::{DiscoveryArg, Flags};
 
+pub mod aws;
 pub mod static_;
 
 /// The backend for these flags.
 pub fn build(flags: &Flags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     match flags.discovery {
         DiscoveryArg::Static => static_::build(&flags.static_, ctx),
+        DiscoveryArg::Aws => aws::build(&flags.aws, ctx),
         other => Err(DiscoveryError::NotBuilt(other.name())),
     }
 }
