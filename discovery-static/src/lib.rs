@@ -87,7 +87,10 @@ pub fn parse_entry(raw: &str) -> Result<Entry, StaticError> {
         return Ok(Entry::Ip(ip, None));
     }
     if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(Entry::Ip(sa.ip(), Some(parse_port(s, &sa.port().to_string())?)));
+        return Ok(Entry::Ip(
+            sa.ip(),
+            Some(parse_port(s, &sa.port().to_string())?),
+        ));
     }
     if let Some(rest) = s.strip_prefix('[') {
         // A bracketed IPv6 address without a port, or with a bad one.
@@ -249,7 +252,11 @@ impl StaticDiscovery {
                 };
                 match self.ctx.classify_listed(id, ip, port) {
                     Ok(c) => {
-                        if !report.candidates.iter().any(|x| x.ip == c.ip && x.port == c.port) {
+                        if !report
+                            .candidates
+                            .iter()
+                            .any(|x| x.ip == c.ip && x.port == c.port)
+                        {
                             report.candidates.push(c);
                         }
                     }
@@ -329,7 +336,10 @@ mod tests {
     #[test]
     fn bad_entries_name_the_entry_and_the_problem() {
         let e = parse_entry("10.0.0.5:70000").unwrap_err().to_string();
-        assert!(e.contains("`10.0.0.5:70000`") && e.contains("out of range"), "{e}");
+        assert!(
+            e.contains("`10.0.0.5:70000`") && e.contains("out of range"),
+            "{e}"
+        );
         let e = parse_entry("10.0.0.5:64000").unwrap_err().to_string();
         assert!(e.contains("+2000"), "{e}");
         let e = parse_entry("fd00::5:x").unwrap_err().to_string();
@@ -376,7 +386,7 @@ mod tests {
             ctx(),
             fake_resolver(),
         )
-            .unwrap();
+        .unwrap();
         let r = d.discover().await.unwrap();
         let got: Vec<(String, u16)> = r
             .candidates

@@ -34,14 +34,9 @@ impl MemberList {
                 .all(|(a, b)| a.uuid == b.uuid && a.addr == b.addr)
     }
 
-    /// Renders the list in Hazelcast's layout, marking `this` member.
-    ///
-    /// ```text
-    /// Members {size:2, ver:3} [
-    /// 	Member [10.0.0.5]:10081 - 5515cf45-9244-44df-b086-bc8eca4c83ae this
-    /// 	Member [10.0.0.6]:10081 - bafe827d-b4d9-46ff-bac5-0528de71964e
-    /// ]
-    /// ```
+    /// Renders the list in Hazelcast's layout, marking `this` member: a first line
+    /// `Members {size:2, ver:3} [`, one line per member that starts with a tab, such as
+    /// `<TAB>Member [10.0.0.5]:10081 - 5515cf45-9244-44df-b086-bc8eca4c83ae this`, and `]`.
     pub fn render(&self, this: Uuid) -> String {
         let mut s = format!(
             "Members {{size:{}, ver:{}}} [\n",

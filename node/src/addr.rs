@@ -100,8 +100,7 @@ pub fn choose(selector: Option<IpNetwork>, ifaces: &[Iface]) -> Result<Choice, N
             if matches.is_empty() && net.prefix() == host_prefix {
                 let ip = net.ip();
                 if let Some(lo) = ifaces.iter().find(|i| {
-                    i.loopback
-                        && IpNetwork::new(i.ip, i.prefix).is_ok_and(|n| n.contains(ip))
+                    i.loopback && IpNetwork::new(i.ip, i.prefix).is_ok_and(|n| n.contains(ip))
                 }) {
                     matches.push((ip, lo.name.as_str()));
                 }

@@ -103,7 +103,11 @@ pub struct Flags {
     pub discovery: DiscoveryArg,
 
     /// CIDR that holds this node's private IP, IPv4 or IPv6; when absent, the host's only private address.
-    #[arg(long = "private_ip_selector", env = "NODE_PRIVATE_IP_SELECTOR", global = true)]
+    #[arg(
+        long = "private_ip_selector",
+        env = "NODE_PRIVATE_IP_SELECTOR",
+        global = true
+    )]
     pub private_ip_selector: Option<IpNetwork>,
 
     /// Internal API port; the scheduler cluster uses +1000 and the all-instances cluster +2000.
@@ -119,7 +123,12 @@ pub struct Flags {
     pub public_bind_to_any: bool,
 
     /// Nodes with another cluster name are never merged.
-    #[arg(long = "cluster_name", env = "NODE_CLUSTER_NAME", default_value = "default", global = true)]
+    #[arg(
+        long = "cluster_name",
+        env = "NODE_CLUSTER_NAME",
+        default_value = "default",
+        global = true
+    )]
     pub cluster_name: String,
 
     /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
@@ -182,7 +191,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--private_ip_selector"), "{e}");
-        let e = parse(&["--discovery_refresh", "10h"]).unwrap_err().to_string();
+        let e = parse(&["--discovery_refresh", "10h"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ms, s or m"), "{e}");
         let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
         assert!(e.contains("gcp") && e.contains("static"), "{e}");

@@ -94,7 +94,7 @@ async fn run(spec: ClusterSpec, view: SharedView) {
     let mut buf = vec![0u8; 65536];
     let mut candidates_open = true;
     set_candidates(&mut engine, &candidates.borrow_and_update(), map, start);
-    publish(&mut engine, &view, name, size_tx.as_ref());
+    publish(&mut engine, &view, size_tx.as_ref());
     loop {
         let deadline = start + engine.next_deadline();
         tokio::select! {
@@ -122,23 +122,17 @@ async fn run(spec: ClusterSpec, view: SharedView) {
             }
         }
         send_outputs(&mut engine, &udp, &out_permits, name).await;
-        publish(&mut engine, &view, name, size_tx.as_ref());
+        publish(&mut engine, &view, size_tx.as_ref());
     }
     accept.abort();
 }
 
 fn set_candidates(engine: &mut Engine, snap: &Snapshot, map: CandidateMap, start: Instant) {
     let addrs: Vec<SocketAddr> = snap.candidates.iter().filter_map(map).collect();
-    tracing::debug!(?addrs, "candidates");
     engine.set_candidates(addrs, start.elapsed());
 }
 
-fn publish(
-    engine: &mut Engine,
-    view: &SharedView,
-    name: &'static str,
-    size_tx: Option<&watch::Sender<usize>>,
-) {
+fn publish(engine: &mut Engine, view: &SharedView, size_tx: Option<&watch::Sender<usize>>) {
     let changes = engine.drain_changes();
     let me = engine.me().uuid;
     for list in &changes {

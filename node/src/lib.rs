@@ -92,7 +92,9 @@ async fn bind_tcp(
     what: &'static str,
     flag: &'static str,
 ) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr).await.map_err(|e| bind_error(addr, what, flag, e))
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(addr, what, flag, e))
 }
 
 async fn bind_udp(
@@ -100,7 +102,9 @@ async fn bind_udp(
     what: &'static str,
     flag: &'static str,
 ) -> Result<UdpSocket, NodeError> {
-    UdpSocket::bind(addr).await.map_err(|e| bind_error(addr, what, flag, e))
+    UdpSocket::bind(addr)
+        .await
+        .map_err(|e| bind_error(addr, what, flag, e))
 }
 
 fn bind_error(addr: SocketAddr, what: &'static str, flag: &'static str, e: io::Error) -> NodeError {
@@ -238,7 +242,11 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         interval: flags.discovery_refresh,
         ..Refresh::default()
     };
-    tokio::spawn(backend.clone().watch(refresh, cand_tx, Arc::new(NoObserver)));
+    tokio::spawn(
+        backend
+            .clone()
+            .watch(refresh, cand_tx, Arc::new(NoObserver)),
+    );
 
     let cfg = membership::Config::lan();
     let seed: u64 = rand::random();

@@ -52,9 +52,9 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 impl Ports {
     /// Derives every port; the flags were already range-checked by their parsers.
     pub fn new(private: u16, public: u16) -> Result<Self, NodeError> {
-        let all = private
-            .checked_add(ALL_OFFSET)
-            .ok_or_else(|| NodeError::Config(parse_private_port(&private.to_string()).unwrap_err()))?;
+        let all = private.checked_add(ALL_OFFSET).ok_or_else(|| {
+            NodeError::Config(parse_private_port(&private.to_string()).unwrap_err())
+        })?;
         Ok(Self {
             private,
             scheduler: private + SCHEDULER_OFFSET,
@@ -71,18 +71,28 @@ mod tests {
     #[test]
     fn a_port_whose_plus_2000_overflows_names_all_three_ports() {
         let e = parse_private_port("64000").unwrap_err();
-        assert!(e.contains("64000") && e.contains("65000") && e.contains("66000"), "{e}");
+        assert!(
+            e.contains("64000") && e.contains("65000") && e.contains("66000"),
+            "{e}"
+        );
         assert!(e.contains("1 to 63535"), "{e}");
         assert!(parse_private_port("70000").unwrap_err().contains("72000"));
         assert!(parse_private_port("0").is_err());
-        assert!(parse_private_port("http").unwrap_err().contains("not a port"));
+        assert!(
+            parse_private_port("http")
+                .unwrap_err()
+                .contains("not a port")
+        );
         assert_eq!(parse_private_port("63535").unwrap(), 63535);
     }
 
     #[test]
     fn cluster_ports_are_derived() {
         let p = Ports::new(8081, 8080).unwrap();
-        assert_eq!((p.private, p.scheduler, p.all, p.public), (8081, 9081, 10081, 8080));
+        assert_eq!(
+            (p.private, p.scheduler, p.all, p.public),
+            (8081, 9081, 10081, 8080)
+        );
         assert!(Ports::new(64000, 8080).is_err());
     }
 

@@ -71,7 +71,13 @@ impl Drop for Procs {
     }
 }
 
-fn spawn(bin: &std::path::Path, name: &str, role: &str, ip: &str, peers: &str) -> anyhow::Result<Proc> {
+fn spawn(
+    bin: &std::path::Path,
+    name: &str,
+    role: &str,
+    ip: &str,
+    peers: &str,
+) -> anyhow::Result<Proc> {
     let mut child = Command::new(bin)
         .args(["--role", role, "--discovery", "static"])
         .args(["--private_ip_selector", &format!("{ip}/32")])
@@ -145,7 +151,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     let formed = wait(&stop, Duration::from_secs(20), || {
-        procs.0.iter().all(|p| p.last_all().is_some_and(|(n, _)| n == 5))
+        procs
+            .0
+            .iter()
+            .all(|p| p.last_all().is_some_and(|(n, _)| n == 5))
     });
     if stop.load(Ordering::SeqCst) {
         println!("\n== Ctrl-C: stopping every node with SIGTERM");
@@ -168,7 +177,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut victim = victim;
     let _ = victim.child.wait();
     let removed = wait(&stop, Duration::from_secs(20), || {
-        procs.0.iter().all(|p| p.last_all().is_some_and(|(n, _)| n == 4))
+        procs
+            .0
+            .iter()
+            .all(|p| p.last_all().is_some_and(|(n, _)| n == 4))
     });
     if removed {
         println!(

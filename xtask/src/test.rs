@@ -20,7 +20,14 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     sh::run(fmt)?;
 
     let mut clippy = sh::cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     sh::run(clippy)?;
 
     install
