@@ -18,6 +18,12 @@ use crate::sh;
 
 /// The environment variable that tells tests where LocalStack listens.
 pub const ENDPOINT_ENV: &str = "LOCALSTACK_ENDPOINT";
+/// What the tests' SDK clients need: dummy credentials, and no real instance metadata service.
+pub const TEST_ENV: &[(&str, &str)] = &[
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+];
 /// Where it listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4566";
 
@@ -130,6 +136,10 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<LocalStack> {
     let child = Command::new(&python)
         .args(["-m", "localstack.runtime.main"])
         .env("SERVICES", "ec2")
+        // Hypercorn binds the address given; the default server listens on every interface.
+        .env("GATEWAY_SERVER", "hypercorn")
+        // No DNS server, and so no lookup of localstack.cloud at start-up.
+        .env("DNS_ADDRESS", "0")
         .env("SKIP_SSL_CERT_DOWNLOAD", "1")
         .env("DISABLE_EVENTS", "1")
         .env("LOCALSTACK_VOLUME_DIR", &volume)
@@ -210,9 +220,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     ctrlc::set_handler(move || {
         let _ = tx.send(());
     })?;
+    let vars: Vec<String> = TEST_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "export {ENDPOINT_ENV}={}   # then: cargo test -p discovery-aws; Ctrl-C stops LocalStack",
-        ls.endpoint
+        "export {ENDPOINT_ENV}={} {}\n# then: cargo test -p discovery-aws; Ctrl-C stops LocalStack",
+        ls.endpoint,
+        vars.join(" ")
     );
     let _ = rx.recv();
     drop(ls);

@@ -37,7 +37,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let localstack = localstack::start(localstack::DEFAULT_LISTEN.parse()?)?;
     let mut test = sh::cargo();
     test.args(["test", "--workspace"])
-        .env(localstack::ENDPOINT_ENV, &localstack.endpoint);
+        .env(localstack::ENDPOINT_ENV, &localstack.endpoint)
+        .envs(localstack::TEST_ENV.iter().copied());
     let result = sh::run(test);
     drop(localstack);
     result
