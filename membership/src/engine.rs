@@ -10,14 +10,14 @@
 //! engines in virtual time.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
 use foca::{Foca, Member, NoCustomBroadcast, OwnedNotification, PeriodicParams, Runtime, Timer};
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
@@ -43,6 +43,21 @@ pub struct Config {
     pub max_datagram: usize,
     /// The most members a decoded list or sync may carry.
     pub max_members: usize,
+    /// Lifeguard: the suspicion timeout once `suspicion_k` independent confirmations arrived.
+    /// Must be at least twice the gossip period so the suspect can hear of it and refute.
+    pub suspicion_min: Duration,
+    /// Lifeguard: the suspicion timeout with no confirmation; must be at least `suspicion_min`.
+    pub suspicion_max: Duration,
+    /// Lifeguard: how many independent confirmations shrink the timeout to the minimum
+    /// (capped at the number of other members that could confirm).
+    pub suspicion_k: usize,
+    /// Lifeguard: the highest local health score; timeouts are multiplied by `1 + score`.
+    pub max_health: u32,
+    /// The shortest pause between two list versions issued by the oldest member; changes in
+    /// between are folded into one version.
+    pub list_min_interval: Duration,
+    /// Candidates contacted per join round; the others wait for the next round.
+    pub join_fanout: usize,
 }
 
 impl Config {
@@ -60,9 +75,9 @@ impl Config {
                 // Enough transmissions to reach every member of a few hundred with high
                 // probability.
                 max_transmissions: NonZeroU8::new(8).expect("non-zero"),
-                // Long enough that a suspect hears of it through periodic gossip (every 100 ms
-                // to 3 members) and refutes, even at 10% loss.
-                suspect_to_down_after: Duration::from_millis(1500),
+                // Not used as such: the engine replaces every suspicion timer with Lifeguard's
+                // timeout, between `suspicion_min` and `suspicion_max` below.
+                suspect_to_down_after: Duration::from_secs(4),
                 // Restarts use a new UUID and renewals win the address conflict, so forgetting
                 // down members late costs only memory.
                 remove_down_after: Some(Duration::from_secs(15 * 60)),
@@ -88,9 +103,17 @@ impl Config {
             join_retry: Duration::from_millis(500),
             join_retry_max: Duration::from_secs(8),
             pull_interval: Duration::from_secs(1),
-            sync_interval: Duration::from_secs(20),
+            sync_interval: Duration::from_secs(30),
             max_datagram: 1400,
             max_members: 10_000,
+            // With K confirmations a dead member is removed 1 s after it was first suspected;
+            // a lone suspicion (often one lost packet) gets 4 s to be refuted.
+            suspicion_min: Duration::from_millis(1000),
+            suspicion_max: Duration::from_secs(4),
+            suspicion_k: 3,
+            max_health: 8,
+            list_min_interval: Duration::from_millis(150),
+            join_fanout: 3,
         }
     }
 }
@@ -135,6 +158,14 @@ pub struct Stats {
     pub leaves: u64,
     /// Times this member renewed its identity after being declared down.
     pub rejoins: u64,
+    /// Probes of other members that failed (suspicions this member raised).
+    pub suspicions_raised: u64,
+    /// Suspicions about this member that it refuted.
+    pub suspicions_refuted: u64,
+    /// Independent suspicion confirmations received.
+    pub confirmations: u64,
+    /// The local health score (Lifeguard); 0 is healthy.
+    pub health: u32,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +210,10 @@ pub struct Engine {
     coordinator: Uuid,
     candidates: Vec<SocketAddr>,
     joins: HashMap<SocketAddr, JoinState>,
+    /// The earliest moment a candidate outside the view is due for a join attempt.
+    next_join: Duration,
+    /// Set when the view may have changed, so the list must be recomputed.
+    dirty: bool,
     told_down: HashMap<SocketAddr, Duration>,
     next_pull: Duration,
     next_sync: Duration,
@@ -187,6 +222,21 @@ pub struct Engine {
     rng: StdRng,
     left: bool,
     stats: Stats,
+    suspicions: HashMap<SocketAddr, Suspicion>,
+    health: u32,
+    last_issue: Option<Duration>,
+    issue_at: Option<Duration>,
+}
+
+/// One member under suspicion, with the independent confirmations received.
+#[derive(Debug, Clone)]
+struct Suspicion {
+    id: NodeId,
+    incarnation: u16,
+    started: Duration,
+    confirmers: Vec<Uuid>,
+    /// foca's timer event and the deadline it is scheduled for, once foca suspects too.
+    timer: Option<(Timer<NodeId>, Duration)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -225,6 +275,8 @@ impl Engine {
             coordinator: me.uuid,
             candidates: Vec::new(),
             joins: HashMap::new(),
+            next_join: now,
+            dirty: true,
             told_down: HashMap::new(),
             next_pull: now,
             next_sync,
@@ -232,6 +284,10 @@ impl Engine {
             rng,
             left: false,
             stats: Stats::default(),
+            suspicions: HashMap::new(),
+            health: 0,
+            last_issue: None,
+            issue_at: None,
             cfg,
         }
     }
@@ -258,19 +314,21 @@ impl Engine {
 
     /// The members the local failure detector considers alive, this one included.
     pub fn alive(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = Vec::with_capacity(self.foca.num_members() + 1);
-        v.push(self.me);
+        let mut by_uuid: HashMap<Uuid, NodeId> =
+            HashMap::with_capacity(self.foca.num_members() + 1);
+        by_uuid.insert(self.me.uuid, self.me);
         for m in self.foca.iter_members() {
             let id = *m.id();
-            if let Some(prev) = v.iter_mut().find(|p| p.uuid == id.uuid) {
-                if id.generation > prev.generation && id.uuid != self.me.uuid {
-                    *prev = id;
-                }
-            } else {
-                v.push(id);
-            }
+            by_uuid
+                .entry(id.uuid)
+                .and_modify(|prev| {
+                    if id.generation > prev.generation && id.uuid != self.me.uuid {
+                        *prev = id;
+                    }
+                })
+                .or_insert(id);
         }
-        v
+        by_uuid.into_values().collect()
     }
 
     /// Replaces the discovered candidates: gossip addresses of peers to join.
@@ -279,6 +337,7 @@ impl Engine {
         self.joins.retain(|a, _| candidates.contains(a));
         self.candidates = candidates;
         self.candidates.retain(|a| *a != self.me.addr);
+        self.next_join = self.now;
     }
 
     /// Takes the messages to send.
@@ -300,16 +359,13 @@ impl Engine {
         if self.left {
             return d;
         }
+        if let Some(t) = self.issue_at {
+            d = d.min(t);
+        }
         if self.coordinator != self.me.uuid {
             d = d.min(self.next_pull);
         }
-        let alive = self.alive_addrs();
-        for c in &self.candidates {
-            if !alive.contains(c) {
-                d = d.min(self.joins.get(c).map_or(self.now, |j| j.next_at));
-            }
-        }
-        d.max(self.now)
+        d.min(self.next_join).max(self.now)
     }
 
     /// Handles a datagram from `from`.
@@ -372,6 +428,11 @@ impl Engine {
                 }
                 Ok(())
             }
+            Kind::Suspect => {
+                let msg = wire::decode_suspect(p)?;
+                self.on_suspect(msg);
+                Ok(())
+            }
             Kind::Leave => {
                 let id = wire::decode_leave(p)?;
                 self.stats.leaves += 1;
@@ -386,10 +447,16 @@ impl Engine {
     /// from a partition. A state sync tells it, so it renews its identity and rejoins; at most
     /// one per second per address.
     fn tell_if_down(&mut self, p: &[u8]) {
-        use foca::Codec as _;
-        let Ok(h) = Codec.decode_header(p) else {
+        let Some((h, updates)) = wire::peek_foca(p) else {
             return;
         };
+        if updates
+            .iter()
+            .any(|m| m.id() == &self.me && m.state() == foca::State::Suspect)
+        {
+            // The cluster suspects us: foca refutes; Lifeguard makes us slower to judge others.
+            self.bump_health();
+        }
         let down = self
             .foca
             .iter_membership_state()
@@ -407,6 +474,165 @@ impl Engine {
         }
         self.told_down.insert(h.src.addr, now);
         self.send_sync(h.src.addr);
+    }
+
+    fn bump_health(&mut self) {
+        self.stats.suspicions_refuted += 1;
+        self.health = (self.health + 1).min(self.cfg.max_health);
+        self.stats.health = self.health;
+    }
+
+    /// Lifeguard's suspicion timeout for `confirmations` independent confirmations, scaled by
+    /// the local health multiplier.
+    fn suspicion_timeout(&self, confirmations: usize) -> Duration {
+        let others = self.foca.num_members();
+        let k = self.cfg.suspicion_k.min(others.saturating_sub(1));
+        let mult = 1 + self.health;
+        let min = self.cfg.suspicion_min * mult;
+        let max = self.cfg.suspicion_max.max(self.cfg.suspicion_min) * mult;
+        if k == 0 {
+            return min;
+        }
+        let frac = ((confirmations as f64 + 1.0).ln() / (k as f64 + 1.0).ln()).clamp(0.0, 1.0);
+        max.saturating_sub((max - min).mul_f64(frac)).max(min)
+    }
+
+    /// Another member's probe of `target` failed.
+    fn on_suspect(&mut self, msg: wire::SuspectMsg) {
+        if msg.target.uuid == self.me.uuid {
+            if msg.target == self.me {
+                // Refute at once rather than waiting for the gossip to reach us.
+                self.bump_health();
+                let me = Member::new(self.me, msg.incarnation, foca::State::Suspect);
+                if let Err(e) = self
+                    .foca
+                    .apply_many(std::iter::once(me), true, &mut self.rt)
+                {
+                    tracing::debug!("refute: {e}");
+                }
+            }
+            return;
+        }
+        if msg.from.uuid == self.me.uuid || self.suspicions.len() >= 4096 {
+            return;
+        }
+        self.stats.confirmations += 1;
+        let now = self.now;
+        let s = self
+            .suspicions
+            .entry(msg.target.addr)
+            .or_insert_with(|| Suspicion {
+                id: msg.target,
+                incarnation: msg.incarnation,
+                started: now,
+                confirmers: Vec::new(),
+                timer: None,
+            });
+        if s.id != msg.target || s.incarnation != msg.incarnation {
+            if s.incarnation > msg.incarnation && s.id == msg.target {
+                return;
+            }
+            *s = Suspicion {
+                id: msg.target,
+                incarnation: msg.incarnation,
+                started: now,
+                confirmers: Vec::new(),
+                timer: None,
+            };
+        }
+        if !s.confirmers.contains(&msg.from.uuid) && s.confirmers.len() < 16 {
+            s.confirmers.push(msg.from.uuid);
+        }
+        // Suspect too, so the timer (and its shrinking) starts here as well.
+        let update = Member::new(msg.target, msg.incarnation, foca::State::Suspect);
+        if let Err(e) = self
+            .foca
+            .apply_many(std::iter::once(update), true, &mut self.rt)
+        {
+            tracing::debug!("suspect: {e}");
+        }
+        self.reschedule_suspicion(msg.target.addr);
+    }
+
+    /// Moves a suspicion timer earlier when confirmations shortened its timeout. The later
+    /// copy still fires, harmlessly: foca ignores a timer for a member already down.
+    fn reschedule_suspicion(&mut self, addr: SocketAddr) {
+        let Some(s) = self.suspicions.get(&addr) else {
+            return;
+        };
+        let Some((ev, deadline)) = s.timer.clone() else {
+            return;
+        };
+        let due = (s.started + self.suspicion_timeout(s.confirmers.len())).max(self.now);
+        if due < deadline {
+            self.timer_seq += 1;
+            self.timers.push(Reverse((due, self.timer_seq, ev.clone())));
+            if let Some(s) = self.suspicions.get_mut(&addr) {
+                s.timer = Some((ev, due));
+            }
+        }
+    }
+
+    /// Schedules one timer from foca, giving suspicions Lifeguard's timeout.
+    fn schedule(&mut self, after: Duration, ev: Timer<NodeId>) {
+        let mut deadline = self.now + after;
+        if let Timer::ChangeSuspectToDown {
+            member_id,
+            incarnation,
+            ..
+        } = &ev
+        {
+            let now = self.now;
+            let fresh = Suspicion {
+                id: *member_id,
+                incarnation: *incarnation,
+                started: now,
+                confirmers: Vec::new(),
+                timer: None,
+            };
+            let s = self
+                .suspicions
+                .entry(member_id.addr)
+                .or_insert(fresh.clone());
+            if s.id != *member_id || s.incarnation != *incarnation {
+                *s = fresh;
+            }
+            let (started, n) = (s.started, s.confirmers.len());
+            deadline = (started + self.suspicion_timeout(n)).max(now);
+            if let Some(s) = self.suspicions.get_mut(&member_id.addr) {
+                s.timer = Some((ev.clone(), deadline));
+            }
+        }
+        self.timer_seq += 1;
+        self.timers.push(Reverse((deadline, self.timer_seq, ev)));
+    }
+
+    /// Tells a few members that our probe of `target` failed (Lifeguard's independent
+    /// suspicion), and the target itself, so that it can refute at once.
+    fn announce_suspicion(&mut self, target: NodeId, incarnation: u16) {
+        self.stats.suspicions_raised += 1;
+        let msg = wire::SuspectMsg {
+            from: self.me,
+            target,
+            incarnation,
+        };
+        let data = wire::encode_suspect(self.tag, &msg);
+        let mut others: Vec<SocketAddr> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().addr)
+            .filter(|a| *a != target.addr)
+            .collect();
+        let n = others.len().min(4);
+        let (chosen, _) = others.partial_shuffle(&mut self.rng, n);
+        let mut to: Vec<SocketAddr> = chosen.to_vec();
+        to.push(target.addr);
+        for addr in to {
+            self.push_out(Output::Datagram {
+                to: addr,
+                data: data.clone(),
+            });
+        }
     }
 
     fn apply_sync(&mut self, msg: SyncMsg) -> Result<(), MembershipError> {
@@ -431,7 +657,10 @@ impl Engine {
     }
 
     fn on_list(&mut self, msg: ListMsg) {
-        self.max_seen = self.max_seen.max(msg.ver);
+        if msg.ver > self.max_seen {
+            self.max_seen = msg.ver;
+            self.dirty = true;
+        }
         if msg.coordinator == self.coordinator
             && msg.coordinator != self.me.uuid
             && msg.ver > self.list.ver
@@ -470,6 +699,13 @@ impl Engine {
                 tracing::debug!("timer: {e}");
             }
         }
+        if self.issue_at.is_some_and(|t| self.now >= t) {
+            self.issue_at = None;
+            self.reconcile();
+        }
+        let horizon = self.cfg.suspicion_max * (2 + self.cfg.max_health);
+        let now = self.now;
+        self.suspicions.retain(|_, s| now < s.started + horizon);
         if !self.left {
             self.join_candidates();
             if self.coordinator != self.me.uuid && self.now >= self.next_pull {
@@ -492,11 +728,15 @@ impl Engine {
             }
         }
         if self.now >= self.next_sync {
+            // A sync carries the whole state, so larger clusters sync less often
+            // (memberlist's push/pull scaling): x1 up to 32 members, then +1 per doubling.
+            let n = (self.foca.num_members() + 1) as f64;
+            let scale = 1.0 + (n / 32.0).log2().max(0.0);
             self.next_sync = self.now
                 + self
                     .cfg
                     .sync_interval
-                    .mul_f64(self.rng.random_range(0.5..1.5));
+                    .mul_f64(scale * self.rng.random_range(0.5..1.5));
             if !self.left {
                 let others: Vec<NodeId> = self
                     .alive()
@@ -512,7 +752,7 @@ impl Engine {
         self.flush();
     }
 
-    fn alive_addrs(&self) -> Vec<SocketAddr> {
+    fn alive_addrs(&self) -> HashSet<SocketAddr> {
         self.foca.iter_members().map(|m| m.id().addr).collect()
     }
 
@@ -530,12 +770,36 @@ impl Engine {
                 backoff: self.cfg.join_retry,
             });
             if now >= st.next_at {
-                let pause = st.backoff.mul_f64(self.rng.random_range(0.75..1.25));
-                st.next_at = now + pause;
-                st.backoff = (st.backoff * 2).min(self.cfg.join_retry_max);
                 due.push(*c);
             }
         }
+        // A few per round: a simultaneous start of hundreds must not be N² syncs. The rest wait
+        // for the next round, by which time the syncs have usually brought them into the view.
+        let n = due.len().min(self.cfg.join_fanout.max(1));
+        let (chosen, rest) = due.partial_shuffle(&mut self.rng, n);
+        for c in rest.iter() {
+            if let Some(st) = self.joins.get_mut(c) {
+                st.next_at = now + self.cfg.join_retry.mul_f64(self.rng.random_range(0.5..1.0));
+            }
+        }
+        let due: Vec<SocketAddr> = chosen.to_vec();
+        for c in &due {
+            if let Some(st) = self.joins.get_mut(c) {
+                let pause = st.backoff.mul_f64(self.rng.random_range(0.75..1.25));
+                st.next_at = now + pause;
+                st.backoff = (st.backoff * 2).min(self.cfg.join_retry_max);
+            }
+        }
+        // Joins only wake the engine while some candidate is outside the view; syncs and
+        // timers wake it anyway, and `set_candidates` resets this.
+        self.next_join = self
+            .candidates
+            .iter()
+            .filter(|c| !alive.contains(*c))
+            .filter_map(|c| self.joins.get(c).map(|j| j.next_at))
+            .min()
+            .unwrap_or(Duration::MAX)
+            .max(now + Duration::from_millis(1));
         for c in due {
             if let Err(e) = self.foca.announce(NodeId::unknown_at(c), &mut self.rt) {
                 tracing::debug!("announce to {c}: {e}");
@@ -618,15 +882,57 @@ impl Engine {
                 data: buf,
             });
         }
+        let mut failed_probes = Vec::new();
+        for note in &rt.notes {
+            if let OwnedNotification::ProbeFailed(_, id) = note {
+                failed_probes.push(*id);
+            }
+        }
+        for id in failed_probes {
+            let inc = rt.timers.iter().find_map(|(_, ev)| match ev {
+                Timer::ChangeSuspectToDown {
+                    member_id,
+                    incarnation,
+                    ..
+                } if *member_id == id => Some(*incarnation),
+                _ => None,
+            });
+            if let Some(inc) = inc {
+                self.announce_suspicion(id, inc);
+            }
+        }
         for (after, ev) in rt.timers {
-            self.timer_seq += 1;
-            self.timers
-                .push(Reverse((self.now + after, self.timer_seq, ev)));
+            self.schedule(after, ev);
         }
         for note in rt.notes {
+            if matches!(
+                note,
+                OwnedNotification::MemberUp(_)
+                    | OwnedNotification::MemberDown(_)
+                    | OwnedNotification::Rename(..)
+                    | OwnedNotification::Rejoin(_)
+                    | OwnedNotification::Idle
+                    | OwnedNotification::Active
+            ) {
+                self.dirty = true;
+            }
             match note {
+                OwnedNotification::DataReceived(h) => {
+                    if matches!(
+                        h.message,
+                        foca::Message::Ack(_) | foca::Message::ForwardedAck { .. }
+                    ) && self.health > 0
+                    {
+                        // A probe answered: Lifeguard heals the score one step.
+                        self.health -= 1;
+                        self.stats.health = self.health;
+                    }
+                }
+                OwnedNotification::MemberDown(id) => {
+                    self.stats.members_down += 1;
+                    self.suspicions.remove(&id.addr);
+                }
                 OwnedNotification::MemberUp(_) => self.stats.members_up += 1,
-                OwnedNotification::MemberDown(_) => self.stats.members_down += 1,
                 OwnedNotification::Rejoin(id) => {
                     self.stats.rejoins += 1;
                     tracing::info!(
@@ -638,11 +944,12 @@ impl Engine {
                 OwnedNotification::Idle => {
                     // Alone again: try every candidate right away.
                     self.joins.clear();
+                    self.next_join = self.now;
                 }
                 _ => {}
             }
         }
-        if !self.left {
+        if !self.left && std::mem::take(&mut self.dirty) {
             self.reconcile();
         }
     }
@@ -664,8 +971,18 @@ impl Engine {
             && self.list.same_members(&alive)
             && self.max_seen <= self.list.ver
         {
+            self.issue_at = None;
             return;
         }
+        if let Some(last) = self.last_issue
+            && self.now < last + self.cfg.list_min_interval
+        {
+            // Fold bursts of changes into one version.
+            self.issue_at = Some(last + self.cfg.list_min_interval);
+            return;
+        }
+        self.last_issue = Some(self.now);
+        self.issue_at = None;
         let ver = self.list.ver.max(self.max_seen) + 1;
         self.max_seen = ver;
         self.list = MemberList {

@@ -415,3 +415,88 @@ mod tests {
         assert!(!s.list(0).unwrap().contains(old));
     }
 }
+
+/// The simulator scenarios `cargo xtask bench` reports, in virtual seconds.
+pub mod scenarios {
+    use super::*;
+
+    /// Seconds from a simultaneous start of `n` hosts until all hold one list of `n`.
+    pub fn converge(n: usize, seed: u64) -> Option<f64> {
+        let mut s = Sim::new(seed, Config::lan());
+        let all = s.add_nodes(n);
+        s.run_until(Duration::from_secs(120), |s| s.converged(&all))
+            .then(|| s.now().as_secs_f64())
+    }
+
+    /// Seconds from a kill until every survivor's list lacks the victim.
+    pub fn detect(n: usize, seed: u64) -> Option<f64> {
+        let mut s = Sim::new(seed, Config::lan());
+        let all = s.add_nodes(n);
+        if !s.run_until(Duration::from_secs(120), |s| s.converged(&all)) {
+            return None;
+        }
+        s.run_for(Duration::from_secs(5));
+        let t0 = s.now();
+        let victim = n / 2;
+        s.kill(victim);
+        let rest: Vec<usize> = all.into_iter().filter(|&i| i != victim).collect();
+        s.run_until(t0 + Duration::from_secs(60), |s| s.converged(&rest))
+            .then(|| (s.now() - t0).as_secs_f64())
+    }
+
+    /// Bytes sent per second per member in a converged, quiet cluster.
+    pub fn bytes_per_second(n: usize, seed: u64, window: Duration) -> Option<f64> {
+        let mut s = Sim::new(seed, Config::lan());
+        let all = s.add_nodes(n);
+        if !s.run_until(Duration::from_secs(120), |s| s.converged(&all)) {
+            return None;
+        }
+        // Let the start-up gossip and the first periodic syncs settle.
+        s.run_for(Duration::from_secs(30));
+        let before: u64 = s.nodes.iter().map(|x| x.bytes_out).sum();
+        s.run_for(window);
+        let after: u64 = s.nodes.iter().map(|x| x.bytes_out).sum();
+        Some((after - before) as f64 / n as f64 / window.as_secs_f64())
+    }
+
+    /// Lists, logged by any host, that lack a member which was alive all along.
+    pub fn false_removals(n: usize, seed: u64, loss: f64, window: Duration) -> Option<usize> {
+        let mut s = Sim::new(seed, Config::lan());
+        let all = s.add_nodes(n);
+        if !s.run_until(Duration::from_secs(120), |s| s.converged(&all)) {
+            return None;
+        }
+        let before: Vec<usize> = s.nodes.iter().map(|x| x.history.len()).collect();
+        s.set_loss(loss);
+        s.run_for(window);
+        Some(
+            s.nodes
+                .iter()
+                .zip(before)
+                .map(|(x, b)| {
+                    x.history[b..]
+                        .iter()
+                        .filter(|l| l.members.len() < n)
+                        .count()
+                })
+                .sum(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod scenario_tests {
+    use super::scenarios::*;
+    use std::time::Duration;
+
+    #[test]
+    fn scenarios_produce_figures_on_small_clusters() {
+        let c = converge(10, 1).expect("converges");
+        assert!(c > 0.0 && c < 10.0, "{c}");
+        let d = detect(10, 2).expect("detects");
+        assert!(d > 0.0 && d < 20.0, "{d}");
+        let b = bytes_per_second(10, 3, Duration::from_secs(20)).expect("measures");
+        assert!(b > 10.0, "{b}");
+        assert_eq!(false_removals(3, 4, 0.0, Duration::from_secs(30)), Some(0));
+    }
+}

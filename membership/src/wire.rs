@@ -38,6 +38,9 @@ pub enum Kind {
     SyncResponse = 5,
     /// A graceful leave, sent directly to every member.
     Leave = 6,
+    /// "My probe of this member failed": an independent suspicion, for Lifeguard's
+    /// confirmations.
+    Suspect = 7,
 }
 
 impl Kind {
@@ -49,6 +52,7 @@ impl Kind {
             4 => Kind::SyncRequest,
             5 => Kind::SyncResponse,
             6 => Kind::Leave,
+            7 => Kind::Suspect,
             _ => return Err(MembershipError::Decode("unknown message kind")),
         })
     }
@@ -482,6 +486,62 @@ pub fn decode_leave(mut p: &[u8]) -> Result<NodeId, MembershipError> {
     Ok(id)
 }
 
+/// An independent suspicion: `from` probed `target` at incarnation `incarnation` and failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspectMsg {
+    /// The member whose probe failed.
+    pub from: NodeId,
+    /// The member suspected.
+    pub target: NodeId,
+    /// The target's incarnation when the probe failed.
+    pub incarnation: u16,
+}
+
+/// Encodes a whole [`Kind::Suspect`] message.
+pub fn encode_suspect(tag: u64, msg: &SuspectMsg) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + 2 * MAX_ID_LEN + 2);
+    put_header(&mut buf, Kind::Suspect, tag);
+    put_id(&mut buf, &msg.from);
+    put_id(&mut buf, &msg.target);
+    buf.put_u16(msg.incarnation);
+    buf
+}
+
+/// Decodes the payload of a [`Kind::Suspect`] message.
+pub fn decode_suspect(mut p: &[u8]) -> Result<SuspectMsg, MembershipError> {
+    let from = get_id(&mut p)?;
+    let target = get_id(&mut p)?;
+    let incarnation = get_u16(&mut p)?;
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(SuspectMsg {
+        from,
+        target,
+        incarnation,
+    })
+}
+
+/// The member updates a foca packet carries after its header, for inspection by the engine.
+/// Returns the sender and the updates; `None` when the packet is malformed (foca will then
+/// reject it too).
+pub fn peek_foca(p: &[u8]) -> Option<(Header<NodeId>, Vec<Member<NodeId>>)> {
+    use foca::Codec as _;
+    let mut buf = p;
+    let header = Codec.decode_header(&mut buf).ok()?;
+    let mut updates = Vec::new();
+    if buf.remaining() >= 2 && header.message != Message::Broadcast {
+        let n = buf.get_u16() as usize;
+        if n > buf.remaining() / 30 {
+            return None;
+        }
+        for _ in 0..n {
+            updates.push(get_member(&mut buf).ok()?);
+        }
+    }
+    Some((header, updates))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +643,16 @@ mod tests {
         let (kind, p) = split_header(&data, tag).unwrap();
         assert_eq!(kind, Kind::Leave);
         assert_eq!(decode_leave(p).unwrap(), id(8, false));
+
+        let sus = SuspectMsg {
+            from: id(1, false),
+            target: id(2, true),
+            incarnation: 9,
+        };
+        let data = encode_suspect(tag, &sus);
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::Suspect);
+        assert_eq!(decode_suspect(p).unwrap(), sus);
     }
 
     #[test]
@@ -620,13 +690,15 @@ mod tests {
             let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
             if rng.random_bool(0.5) && data.len() >= HEADER_LEN {
                 data[..HEADER_LEN].copy_from_slice(&good[..HEADER_LEN]);
-                data[3] = rng.random_range(1..=6);
+                data[3] = rng.random_range(1..=7);
             }
             if let Ok((_, p)) = split_header(&data, tag) {
                 let _ = decode_list(p, 100);
                 let _ = decode_pull(p);
                 let _ = decode_sync(p, 100);
                 let _ = decode_leave(p);
+                let _ = decode_suspect(p);
+                let _ = peek_foca(p);
                 let _ = Codec.decode_header(p);
                 let _ = Codec.decode_member(p);
             }

@@ -7,8 +7,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(a) = args.first() {
         anyhow::bail!("`cargo xtask test` takes no arguments, got `{a}`");
     }
-    // The multi-host tests run nodes in network namespaces.
-    sh::ensure_debian_packages(&[("ip", "iproute2")])?;
+    // The multi-host tests run nodes in network namespaces; the test bed adds loss with
+    // nftables and its smoke test pings across the bridge.
+    sh::ensure_debian_packages(&[
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("ping", "iputils-ping"),
+    ])?;
 
     // Installing LocalStack takes minutes the first time; it overlaps with fmt and clippy.
     let install = std::thread::spawn(|| {
