@@ -133,7 +133,7 @@ impl AwsConfig {
             endpoint: None,
             retry: Retry::default(),
             initial_jitter: Duration::from_secs(3),
-            call_timeout: Duration::from_secs(15),
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -318,6 +318,15 @@ impl AwsDiscovery {
         Ok(report)
     }
 
+    /// The refresh settings the loop runs with: the first call is jittered by up to
+    /// `initial_jitter` (at most one interval) unless the caller already chose a jitter.
+    pub fn refresh_settings(&self, mut refresh: Refresh) -> Refresh {
+        if refresh.initial_jitter.is_zero() {
+            refresh.initial_jitter = self.config.initial_jitter.min(refresh.interval);
+        }
+        refresh
+    }
+
     /// Turns running instances into candidates and exclusions.
     pub fn classify(&self, instances: &[Instance]) -> Report {
         let mut report = Report::default();
@@ -499,13 +508,138 @@ impl Discover for AwsDiscovery {
 
     fn watch(
         self: Arc<Self>,
-        mut refresh: Refresh,
+        refresh: Refresh,
         tx: watch::Sender<Snapshot>,
         observer: Arc<dyn RefreshObserver>,
     ) -> BoxFuture<'static, ()> {
-        if refresh.initial_jitter.is_zero() {
-            refresh.initial_jitter = self.config.initial_jitter.min(refresh.interval);
-        }
+        let refresh = self.refresh_settings(refresh);
         Box::pin(poll_loop(Arc::new(Refreshing(self)), refresh, tx, observer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::types::{InstanceNetworkInterface, InstancePrivateIpAddress, InstanceState};
+
+    fn ctx(ip: &str, net: &str) -> Context {
+        Context::standalone(
+            "t",
+            discovery::Role::Worker,
+            ip.parse().unwrap(),
+            8081,
+            Some(net.parse().unwrap()),
+        )
+    }
+
+    fn instance(id: &str, state: InstanceStateName, enis: &[&[&str]]) -> Instance {
+        let mut b = Instance::builder()
+            .instance_id(id)
+            .state(InstanceState::builder().name(state).build());
+        for ips in enis {
+            let mut e = InstanceNetworkInterface::builder().private_ip_address(ips[0]);
+            for ip in *ips {
+                e = e.private_ip_addresses(
+                    InstancePrivateIpAddress::builder()
+                        .private_ip_address(*ip)
+                        .build(),
+                );
+            }
+            b = b.network_interfaces(e.build());
+        }
+        b.build()
+    }
+
+    fn backend(ip: &str, net: &str, group: Option<&str>) -> Arc<AwsDiscovery> {
+        let mut c = AwsConfig::new("cluster=prod,tier=a|b,owned");
+        c.security_group = group.map(str::to_owned);
+        AwsDiscovery::new(c, ctx(ip, net)).unwrap()
+    }
+
+    #[test]
+    fn filters_are_tags_state_and_group() {
+        let names = |fs: Vec<Filter>| -> Vec<(String, Vec<String>)> {
+            fs.iter()
+                .map(|f| (f.name().unwrap().to_owned(), f.values().to_vec()))
+                .collect()
+        };
+        let d = backend("10.0.0.1", "10.0.0.0/16", Some("sg-0abc"));
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            names(d.filters(&["running"])),
+            vec![
+                ("tag:cluster".into(), s(&["prod"])),
+                ("tag:tier".into(), s(&["a", "b"])),
+                ("tag-key".into(), s(&["owned"])),
+                ("instance-state-name".into(), s(&["running"])),
+                ("instance.group-id".into(), s(&["sg-0abc"])),
+            ]
+        );
+        let d = backend("10.0.0.1", "10.0.0.0/16", Some("web"));
+        assert_eq!(
+            names(d.filters(&["running"])).pop().unwrap(),
+            ("instance.group-name".into(), s(&["web"]))
+        );
+    }
+
+    #[test]
+    fn every_address_inside_the_selector_is_a_candidate_and_the_rest_is_explained() {
+        let d = backend("10.0.0.1", "10.0.0.0/16", None);
+        let r = d.classify(&[
+            instance("i-self", InstanceStateName::Running, &[&["10.0.0.1"]]),
+            instance(
+                "i-two",
+                InstanceStateName::Running,
+                &[&["10.0.0.2", "10.0.0.3"], &["10.0.1.2", "192.168.0.2"]],
+            ),
+            instance("i-far", InstanceStateName::Running, &[&["192.168.0.9"]]),
+            instance("i-bare", InstanceStateName::Running, &[]),
+            instance("i-gone", InstanceStateName::Stopping, &[&["10.0.0.9"]]),
+        ]);
+        let ips: Vec<String> = r.candidates.iter().map(|c| c.ip.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.2", "10.0.0.3", "10.0.1.2"]);
+        assert!(r.candidates.iter().all(|c| c.port == 8081));
+        let reasons: Vec<(&str, &str)> = r
+            .excluded
+            .iter()
+            .map(|x| (x.id.as_str(), x.reason.as_str()))
+            .collect();
+        assert_eq!(reasons[0], ("i-self", "self"));
+        assert_eq!(reasons[1].0, "i-far");
+        assert!(reasons[1].1.contains("10.0.0.0/16") && reasons[1].1.contains("192.168.0.9"));
+        assert_eq!(reasons[2], ("i-bare", "no private IPv4 address"));
+        assert_eq!(reasons[3], ("i-gone", "not running"));
+    }
+
+    #[test]
+    fn bad_flags_are_config_errors() {
+        let c = ctx("10.0.0.1", "10.0.0.0/16");
+        let e = AwsDiscovery::new(AwsConfig::new("a=1,,b"), c.clone()).unwrap_err();
+        assert!(matches!(DiscoveryError::from(e), DiscoveryError::Config(_)));
+        let mut cfg = AwsConfig::new("a=1");
+        cfg.security_group = Some(" ".into());
+        let e = AwsDiscovery::new(cfg, c).unwrap_err().to_string();
+        assert!(e.contains("--aws_security_group"), "{e}");
+    }
+
+    #[test]
+    fn the_refresh_loop_jitters_its_first_call() {
+        let d = backend("10.0.0.1", "10.0.0.0/16", None);
+        let r = d.refresh_settings(Refresh {
+            interval: Duration::from_secs(10),
+            ..Refresh::default()
+        });
+        assert_eq!(r.initial_jitter, Duration::from_secs(3));
+        // Never longer than one interval, and a jitter the caller chose is kept.
+        let r = d.refresh_settings(Refresh {
+            interval: Duration::from_secs(1),
+            ..Refresh::default()
+        });
+        assert_eq!(r.initial_jitter, Duration::from_secs(1));
+        let r = d.refresh_settings(Refresh {
+            initial_jitter: Duration::from_millis(200),
+            ..Refresh::default()
+        });
+        assert_eq!(r.initial_jitter, Duration::from_millis(200));
     }
 }

@@ -438,7 +438,7 @@ impl FaultProxy {
     }
 }
 
-/// Sends the request upstream with `Connection: close` and returns the whole answer.
+/// Sends the request upstream and returns its answer, marked `Connection: close`.
 async fn forward(req: &Request, up: SocketAddr) -> Option<Vec<u8>> {
     let mut u = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(up))
         .await
@@ -453,12 +453,60 @@ async fn forward(req: &Request, up: SocketAddr) -> Option<Vec<u8>> {
     head.push_str("connection: close\r\n\r\n");
     u.write_all(head.as_bytes()).await.ok()?;
     u.write_all(&req.body).await.ok()?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), u.read_to_end(&mut out))
+    tokio::time::timeout(Duration::from_secs(120), read_response(&mut u))
         .await
         .ok()?
-        .ok()?;
-    Some(out)
+}
+
+/// Reads one answer (`Content-Length` or chunked), without waiting for the server to close.
+async fn read_response(u: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = u.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let lower = head.to_ascii_lowercase();
+    let chunked = lower.contains("transfer-encoding: chunked");
+    let len: Option<usize> = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok());
+    loop {
+        let body = &buf[head_end..];
+        let done = if chunked {
+            body.ends_with(b"0\r\n\r\n")
+        } else {
+            body.len() >= len.unwrap_or(0)
+        };
+        if done {
+            break;
+        }
+        let n = u.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    // Keep the status line and headers, but make the client open a new connection next time.
+    let mut out = String::new();
+    for line in head.trim_end().split("\r\n") {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("connection: close\r\n\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&buf[head_end..]);
+    Some(bytes)
 }
 
 /// A small IMDSv2: `PUT /latest/api/token` hands out a token, and the identity document is
