@@ -16,8 +16,8 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::operation::describe_instances::DescribeInstancesError;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::describe_instances::DescribeInstancesError;
 use aws_sdk_ec2::types::{Filter, Instance, InstanceStateName};
 use discovery::{
     BoxFuture, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver, Report,
@@ -260,7 +260,8 @@ impl AwsDiscovery {
     async fn with_retries<T, F, Fut>(&self, mut call: F) -> Result<T, DiscoveryError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, SdkError<DescribeInstancesError, HttpResponse>>>,
+        Fut:
+            std::future::Future<Output = Result<T, SdkError<DescribeInstancesError, HttpResponse>>>,
     {
         let r = &self.config.retry;
         let mut backoff = r.first_backoff;
@@ -425,8 +426,12 @@ fn map_error(e: SdkError<DescribeInstancesError, HttpResponse>) -> DiscoveryErro
                         message: format!("{code_s}: {message}"),
                     }
                 }
-                "UnauthorizedOperation" | "AuthFailure" | "InvalidClientTokenId"
-                | "SignatureDoesNotMatch" | "OptInRequired" | "AccessDenied"
+                "UnauthorizedOperation"
+                | "AuthFailure"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "OptInRequired"
+                | "AccessDenied"
                 | "AccessDeniedException" => DiscoveryError::Unauthorized {
                     backend: BACKEND,
                     message: format!(
@@ -458,7 +463,9 @@ fn map_error(e: SdkError<DescribeInstancesError, HttpResponse>) -> DiscoveryErro
                     "{text}; no AWS credentials were found: use an instance role allowed to call ec2:DescribeInstances, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
                 )
             } else {
-                format!("DescribeInstances: {text}; check --aws_endpoint, --aws_region and the network path to EC2")
+                format!(
+                    "DescribeInstances: {text}; check --aws_endpoint, --aws_region and the network path to EC2"
+                )
             };
             DiscoveryError::Unreachable {
                 backend: BACKEND,

@@ -37,7 +37,10 @@ pub fn parse_tags(raw: &str) -> Result<Vec<TagFilter>, AwsError> {
     for term in raw.split(',') {
         let term = term.trim();
         if term.is_empty() {
-            return Err(bad(raw, "an empty term (two commas in a row, or a trailing comma)"));
+            return Err(bad(
+                raw,
+                "an empty term (two commas in a row, or a trailing comma)",
+            ));
         }
         let (key, values) = match term.split_once('=') {
             None => (term, None),
@@ -47,7 +50,10 @@ pub fn parse_tags(raw: &str) -> Result<Vec<TagFilter>, AwsError> {
             return Err(bad(raw, format!("`{term}` has no tag key before `=`")));
         }
         if key.len() > 128 {
-            return Err(bad(raw, format!("tag key `{key}` is longer than 128 characters")));
+            return Err(bad(
+                raw,
+                format!("tag key `{key}` is longer than 128 characters"),
+            ));
         }
         if out.iter().any(|t| match t {
             TagFilter::Exists(k) | TagFilter::OneOf(k, _) => k == key,
@@ -91,7 +97,10 @@ mod tests {
                 TagFilter::Exists("owned".into()),
             ]
         );
-        assert_eq!(t[1].filter(), ("tag:tier".into(), vec!["a".into(), "b".into()]));
+        assert_eq!(
+            t[1].filter(),
+            ("tag:tier".into(), vec!["a".into(), "b".into()])
+        );
         assert_eq!(t[2].filter(), ("tag-key".into(), vec!["owned".into()]));
     }
 

@@ -44,7 +44,8 @@ async fn tag_terms_are_anded_and_values_are_ored() {
         .await;
     seed.instance(&subnet, "198.18.1.13", &[("cluster", u), ("tier", "c")])
         .await;
-    seed.instance(&subnet, "198.18.1.14", &[("cluster", u)]).await;
+    seed.instance(&subnet, "198.18.1.14", &[("cluster", u)])
+        .await;
     seed.instance(&subnet, "198.18.1.15", &[("other", u)]).await;
 
     let at = || ctx("198.18.1.100", "198.18.0.0/16");
@@ -135,14 +136,20 @@ async fn only_running_instances_count_and_discover_says_why_others_do_not() {
         .expect("first refresh within 20 s")
         .expect("loop alive");
     assert_eq!(
-        rx.borrow().candidates.iter().map(|c| c.ip).collect::<Vec<_>>(),
+        rx.borrow()
+            .candidates
+            .iter()
+            .map(|c| c.ip)
+            .collect::<Vec<_>>(),
         parse_ips(&["198.18.2.12"])
     );
     let seen = proxy.seen();
     assert_eq!(seen.len(), 3, "the refresh made exactly one call");
     let body = &seen[2].body;
     assert!(
-        body.contains("instance-state-name") && body.contains("running") && !body.contains("stopped"),
+        body.contains("instance-state-name")
+            && body.contains("running")
+            && !body.contains("stopped"),
         "{body}"
     );
     assert!(body.contains("MaxResults=1000"), "{body}");
@@ -169,7 +176,11 @@ async fn the_security_group_filter_takes_an_id_or_a_name() {
         let mut c = config(&format!("cluster={u}"), &ep);
         c.security_group = Some(g.clone());
         let r = discover(c, at()).await;
-        assert_eq!(ips(&r), parse_ips(&["198.18.4.11"]), "--aws_security_group={g}");
+        assert_eq!(
+            ips(&r),
+            parse_ips(&["198.18.4.11"]),
+            "--aws_security_group={g}"
+        );
     }
 }
 
@@ -231,10 +242,18 @@ async fn every_page_is_read_past_a_thousand_reservations() {
     let d = AwsDiscovery::new(c, ctx("198.18.64.1", "198.18.64.0/20")).expect("config");
     let started = Instant::now();
     let r = d.round(false).await.expect("round");
-    eprintln!("read {} instances in {:?}", r.candidates.len(), started.elapsed());
+    eprintln!(
+        "read {} instances in {:?}",
+        r.candidates.len(),
+        started.elapsed()
+    );
     assert_eq!(r.candidates.len(), N, "every instance on every page");
     let seen = proxy.seen();
-    assert!(seen.len() >= 2, "pagination needs a second call: {}", seen.len());
+    assert!(
+        seen.len() >= 2,
+        "pagination needs a second call: {}",
+        seen.len()
+    );
     assert!(!seen[0].body.contains("NextToken"));
     assert!(seen[1..].iter().all(|s| s.body.contains("NextToken=")));
     assert!(seen.iter().all(|s| s.body.contains("MaxResults=1000")));
@@ -338,7 +357,11 @@ async fn a_throttled_round_fails_as_throttled_and_an_auth_failure_names_the_perm
     assert!(matches!(e, DiscoveryError::Unauthorized { .. }), "{e:?}");
     assert!(e.to_string().contains("ec2:DescribeInstances"), "{e}");
     assert!(!e.is_transient());
-    assert_eq!(proxy.seen().len(), n + 1, "an authorisation failure is not retried");
+    assert_eq!(
+        proxy.seen().len(),
+        n + 1,
+        "an authorisation failure is not retried"
+    );
 
     // A 500 is retried: the second attempt reaches LocalStack and succeeds.
     *proxy.fault.lock().expect("lock") = (
@@ -390,7 +413,9 @@ async fn the_region_comes_from_the_imds_identity_document() {
     let imds = FakeImds::start(region).await;
 
     // The fake insists on the IMDSv2 token, as EC2 does.
-    let mut s = tokio::net::TcpStream::connect(imds.addr).await.expect("imds");
+    let mut s = tokio::net::TcpStream::connect(imds.addr)
+        .await
+        .expect("imds");
     tokio::io::AsyncWriteExt::write_all(
         &mut s,
         b"GET /latest/dynamic/instance-identity/document HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -423,9 +448,15 @@ async fn the_region_comes_from_the_imds_identity_document() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("1 passed"), "the child test did not run:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the child test did not run:\n{text}"
+    );
     let log = imds.log();
-    assert!(log.contains(&"PUT /latest/api/token 200".to_owned()), "{log:?}");
+    assert!(
+        log.contains(&"PUT /latest/api/token 200".to_owned()),
+        "{log:?}"
+    );
     assert!(
         log.contains(&"GET /latest/dynamic/instance-identity/document 200".to_owned()),
         "{log:?}"

@@ -50,7 +50,8 @@ impl Relay {
                 match listener.accept() {
                     Ok((down, _)) => {
                         let _ = down.set_nonblocking(false);
-                        if let Ok(up) = TcpStream::connect_timeout(&upstream, Duration::from_secs(3))
+                        if let Ok(up) =
+                            TcpStream::connect_timeout(&upstream, Duration::from_secs(3))
                         {
                             pipe(down, up);
                         }
@@ -195,7 +196,14 @@ fn nodes_on_tagged_instances_form_both_clusters_and_a_stopped_instance_is_never_
 
     // `node discover` on host 0: hosts 1 and 2 are candidates, host 3's instance is stopped.
     let out = Command::new("ip")
-        .args(["netns", "exec", &bed.host(0).netns.clone(), BIN, "discover", "--json"])
+        .args([
+            "netns",
+            "exec",
+            &bed.host(0).netns.clone(),
+            BIN,
+            "discover",
+            "--json",
+        ])
         .args(aws_node("worker", &tag, &endpoint, &cidr).get_args())
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -204,7 +212,11 @@ fn nodes_on_tagged_instances_form_both_clusters_and_a_stopped_instance_is_never_
         .output()
         .expect("node discover");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(&text).expect("json");
     let mut cands: Vec<String> = report["candidates"]
         .as_array()
@@ -218,23 +230,32 @@ fn nodes_on_tagged_instances_form_both_clusters_and_a_stopped_instance_is_never_
     assert_eq!(cands, want, "{text}");
     let excluded = report["excluded"].as_array().expect("excluded");
     assert!(
-        excluded
-            .iter()
-            .any(|x| x["id"] == ids[3].as_str() && x["reason"].as_str().is_some_and(|r| r.contains("stopped"))),
+        excluded.iter().any(|x| x["id"] == ids[3].as_str()
+            && x["reason"].as_str().is_some_and(|r| r.contains("stopped"))),
         "{text}"
     );
     assert!(
-        excluded.iter().any(|x| x["id"] == ids[0].as_str() && x["reason"] == "self"),
+        excluded
+            .iter()
+            .any(|x| x["id"] == ids[0].as_str() && x["reason"] == "self"),
         "{text}"
     );
 
     // Two schedulers and a worker on the running instances. Host 3 runs a node too, but its
     // instance is stopped, so nobody joins it, and it looks for no one itself.
     let s0 = bed
-        .spawn(0, "scheduler-0", aws_node("scheduler", &tag, &endpoint, &cidr))
+        .spawn(
+            0,
+            "scheduler-0",
+            aws_node("scheduler", &tag, &endpoint, &cidr),
+        )
         .expect("spawn");
     let s1 = bed
-        .spawn(1, "scheduler-1", aws_node("scheduler", &tag, &endpoint, &cidr))
+        .spawn(
+            1,
+            "scheduler-1",
+            aws_node("scheduler", &tag, &endpoint, &cidr),
+        )
         .expect("spawn");
     let w2 = bed
         .spawn(2, "worker-2", aws_node("worker", &tag, &endpoint, &cidr))

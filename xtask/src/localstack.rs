@@ -99,7 +99,13 @@ pub fn ensure_installed(dir: &Path) -> anyhow::Result<PathBuf> {
         sh::run(update)?;
         let mut install = Command::new("apt-get");
         install
-            .args(["install", "-y", "-qq", "--no-install-recommends", "python3-venv"])
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "python3-venv",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive");
         sh::run(install)?;
     }
@@ -109,10 +115,19 @@ pub fn ensure_installed(dir: &Path) -> anyhow::Result<PathBuf> {
         c.args(["-m", "venv"]).arg(&venv);
         sh::run(c)?;
     }
-    eprintln!("installing LocalStack into {} (a few minutes, once)", venv.display());
+    eprintln!(
+        "installing LocalStack into {} (a few minutes, once)",
+        venv.display()
+    );
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-        .args(PINS);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(PINS);
     sh::run(pip)?;
     fs::write(&marker, PINS.join("\n")).context("cannot write the install marker")?;
     Ok(python)
@@ -171,7 +186,10 @@ pub fn start(listen: SocketAddr) -> anyhow::Result<LocalStack> {
             );
         }
         if ec2_available(listen) {
-            eprintln!("localstack: ready in {:.1}s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "localstack: ready in {:.1}s",
+                started.elapsed().as_secs_f64()
+            );
             return Ok(ls);
         }
         if started.elapsed() > HEALTH_TIMEOUT {

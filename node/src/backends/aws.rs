@@ -18,7 +18,11 @@ pub struct AwsFlags {
     pub aws_tags: Option<String>,
 
     /// Only instances in this security group (id sg-... or name).
-    #[arg(long = "aws_security_group", env = "NODE_AWS_SECURITY_GROUP", global = true)]
+    #[arg(
+        long = "aws_security_group",
+        env = "NODE_AWS_SECURITY_GROUP",
+        global = true
+    )]
     pub aws_security_group: Option<String>,
 
     /// EC2 endpoint URL, for LocalStack or a VPC endpoint; default the region's public endpoint.
