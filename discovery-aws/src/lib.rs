@@ -378,7 +378,7 @@ impl AwsDiscovery {
                 });
             }
         }
-        report.candidates.sort_by(|a, b| a.ip.cmp(&b.ip));
+        report.candidates.sort_by_key(|a| a.ip);
         report.candidates.dedup_by(|a, b| a.ip == b.ip);
         report
     }
