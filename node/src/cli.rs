@@ -242,6 +242,9 @@ pub struct Flags {
         next_help_heading = "Logging (levels from RUST_LOG, default info)"
     )]
     pub log: LogFlags,
+    /// EC2 discovery.
+    #[command(flatten, next_help_heading = "EC2 discovery (--discovery=aws)")]
+    pub aws: backends::aws::AwsFlags,
 }
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ fn leftovers_of_a_dead_test_process_are_swept() {
     let ok = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success());
     ok(&["netns", "add", &ns]);
     ok(&["link", "add", "name", &br, "type", "bridge"]);
-    assert_eq!(traces(&prefix).len(), 2);
+    // No count check here: another test of this binary may run its own sweep at any moment.
     testbed::sweep_stale();
     assert_eq!(traces(&prefix), Vec::<String>::new());
 }

@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod dist;
 mod fuzz;
+mod localstack;
 mod sh;
 mod test;
 
@@ -24,12 +25,15 @@ commands:
           /etc/default/cluster-node) in <target dir>/dist; --binary PATH packages a built
           binary instead, --out DIR puts the .deb elsewhere
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
-          and every test
+          and every test (LocalStack runs for the AWS backend's tests)
   bench [--quick] [--dry-run]
           node against serf in network namespaces, plus the simulator at N=100..1000;
           writes target/bench/summary.json, table.txt and bench.png (needs root)
   fuzz    [--seconds N] run every cargo-fuzz target N seconds (default 60) and print
-          the executions; installs cargo-fuzz when missing (stable Rust, RUSTC_BOOTSTRAP=1)";
+          the executions; installs cargo-fuzz when missing (stable Rust, RUSTC_BOOTSTRAP=1)
+  localstack [ADDR]
+          run LocalStack (EC2) on ADDR (default 127.0.0.1:4566) until Ctrl-C, for
+          `LOCALSTACK_ENDPOINT=http://ADDR cargo test -p discovery-aws`";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("dist") => dist::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("localstack") => localstack::run(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -12,6 +12,7 @@ use crate::cli::{DiscoveryArg, Flags};
 pub mod gcp;
 pub mod k8s;
 pub mod multicast;
+pub mod aws;
 pub mod static_;
 
 /// The backend for these flags.
@@ -21,6 +22,7 @@ pub fn build(flags: &Flags, ctx: Context) -> Result<Arc<dyn Discover>, Discovery
         DiscoveryArg::Multicast => multicast::build(&flags.multicast, ctx),
         DiscoveryArg::Static => static_::build(&flags.static_, ctx),
         DiscoveryArg::Gcp => gcp::build(&flags.gcp, ctx),
+        DiscoveryArg::Aws => aws::build(&flags.aws, ctx),
         other => Err(DiscoveryError::NotBuilt(other.name())),
     }
 }
