@@ -963,11 +963,12 @@ impl Engine {
                     if matches!(
                         h.message,
                         foca::Message::Ack(_) | foca::Message::ForwardedAck { .. }
-                    ) && self.health > 0 =>
-                {
-                    // A probe answered: Lifeguard heals the score one step.
-                    self.health -= 1;
-                    self.stats.health = self.health;
+                    ) && self.health > 0
+                    {
+                        // A probe answered: Lifeguard heals the score one step.
+                        self.health -= 1;
+                        self.stats.health = self.health;
+                    }
                 }
                 OwnedNotification::MemberDown(id) => {
                     self.stats.members_down += 1;

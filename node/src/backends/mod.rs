@@ -9,10 +9,10 @@ use discovery::{Context, Discover, DiscoveryError};
 
 use crate::cli::{DiscoveryArg, Flags};
 
+pub mod aws;
 pub mod gcp;
 pub mod k8s;
 pub mod multicast;
-pub mod aws;
 pub mod static_;
 
 /// The backend for these flags.
