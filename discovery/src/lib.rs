@@ -186,11 +186,6 @@ pub enum DiscoveryError {
     /// The flags do not describe a usable backend configuration.
     #[error("invalid discovery configuration: {0}")]
     Config(String),
-    /// The backend is not compiled into this binary.
-    #[error(
-        "--discovery={0} is not available in this build: the discovery-{0} backend has not landed yet; use --discovery=static or --discovery=multicast"
-    )]
-    NotBuilt(&'static str),
     /// The platform API could not be reached or timed out.
     #[error("{backend}: cannot reach the api: {message}")]
     Unreachable {
@@ -243,9 +238,7 @@ impl DiscoveryError {
     /// Whether a retry with backoff may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            DiscoveryError::Config(_)
-            | DiscoveryError::NotBuilt(_)
-            | DiscoveryError::Unauthorized { .. } => false,
+            DiscoveryError::Config(_) | DiscoveryError::Unauthorized { .. } => false,
             DiscoveryError::Unreachable { .. }
             | DiscoveryError::Throttled { .. }
             | DiscoveryError::Resolve { .. } => true,
@@ -257,7 +250,6 @@ impl DiscoveryError {
     pub fn kind(&self) -> &'static str {
         match self {
             DiscoveryError::Config(_) => "config",
-            DiscoveryError::NotBuilt(_) => "not_built",
             DiscoveryError::Unreachable { .. } => "unreachable",
             DiscoveryError::Unauthorized { .. } => "unauthorized",
             DiscoveryError::Throttled { .. } => "throttled",
@@ -445,12 +437,7 @@ mod tests {
             }
             .is_transient()
         );
-        assert!(!DiscoveryError::NotBuilt("gcp").is_transient());
-        assert!(
-            DiscoveryError::NotBuilt("gcp")
-                .to_string()
-                .contains("discovery-gcp")
-        );
+        assert!(!DiscoveryError::Config("x".into()).is_transient());
     }
 
     /// Succeeds once, then fails transiently forever.

@@ -1,7 +1,7 @@
 //! Builds the discovery backend that `--discovery` names.
 //!
 //! Each backend has a module here with its flags and its constructor; this file only
-//! dispatches. Backends whose crate has not landed answer with [`DiscoveryError::NotBuilt`].
+//! dispatches.
 
 use std::sync::Arc;
 
@@ -23,6 +23,5 @@ pub fn build(flags: &Flags, ctx: Context) -> Result<Arc<dyn Discover>, Discovery
         DiscoveryArg::Static => static_::build(&flags.static_, ctx),
         DiscoveryArg::Gcp => gcp::build(&flags.gcp, ctx),
         DiscoveryArg::Aws => aws::build(&flags.aws, ctx),
-        other => Err(DiscoveryError::NotBuilt(other.name())),
     }
 }
