@@ -251,6 +251,9 @@ enum WatchEnd {
 impl K8sDiscovery {
     /// The backend; the client is configured on first use, from `env`.
     pub fn new(settings: Settings, env: ConfigEnv, ctx: Context) -> Arc<Self> {
+        // Several rustls providers are linked into this workspace (ring through kube,
+        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Arc::new(Self {
             settings,
             env,

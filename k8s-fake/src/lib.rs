@@ -165,6 +165,9 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl FakeApi {
     /// Starts a server on `ip` (a loopback or test-namespace address) and an ephemeral port.
     pub fn start(ip: IpAddr) -> Result<FakeApi, FakeError> {
+        // Several rustls providers are linked into this workspace (ring through kube,
+        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
