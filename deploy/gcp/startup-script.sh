@@ -6,7 +6,12 @@
 # Instance metadata (attributes):
 #   node-role      scheduler | worker (default worker); also the unit, so
 #                  `journalctl -n10000 --unit=worker | grep "^ *Member"` works
-#   node-package   gs://BUCKET/cluster-node.deb or https://... (only if the image lacks it)
+#   node-package   gs://BUCKET/cluster-node.deb, https://... or a path on the image (only if
+#                  the image lacks the package)
+#   node-cluster-key  the cluster key file's content (`cluster-node keygen`, one key per line),
+#                  written to /etc/cluster-node/key (0600), which the units load as their
+#                  `cluster-key` credential; without it the node runs keyless. Metadata is
+#                  readable by every process on the VM: prefer Secret Manager where that matters.
 #   node-settings  NODE_* lines for /etc/default/cluster-node, e.g.
 #                  NODE_GCP_LABELS=cluster=prod
 #                  NODE_PRIVATE_IP_SELECTOR=10.128.0.0/9
@@ -29,10 +34,17 @@ if [ ! -x /usr/bin/cluster-node ]; then
   case "$pkg" in
     gs://*) gcloud storage cp "$pkg" "$tmp" ;;
     https://*) curl -fsSL --retry 5 -o "$tmp" "$pkg" ;;
-    *) echo "the image has no cluster-node: set node-package to gs://... or https://..." >&2; exit 1 ;;
+    /*) cp "$pkg" "$tmp" ;;
+    *) echo "the image has no cluster-node: set node-package to gs://..., https://... or a path" >&2; exit 1 ;;
   esac
   apt-get install -y "$tmp"
   rm -f "$tmp"
+fi
+
+key=$(attr node-cluster-key)
+if [ -n "$key" ]; then
+  install -d -m 0755 /etc/cluster-node
+  (umask 077; printf '%s\n' "$key" > /etc/cluster-node/key)
 fi
 
 {

@@ -150,9 +150,6 @@ pub struct AwsDiscovery {
 impl AwsDiscovery {
     /// Checks the flags; the client (and the region lookup) is created on the first round.
     pub fn new(config: AwsConfig, ctx: Context) -> Result<Arc<Self>, AwsError> {
-        // Several rustls providers are linked into this workspace (ring through kube,
-        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let tags = parse_tags(&config.tags)?;
         if let Some(e) = &config.endpoint
             && !(e.starts_with("http://") || e.starts_with("https://"))
@@ -282,7 +279,8 @@ impl AwsDiscovery {
                     tracing::warn!(
                         attempt,
                         retry_in_ms = pause.as_millis() as u64,
-                        "DescribeInstances failed, retrying: {err}"
+                        "DescribeInstances failed, retrying: {}",
+                        discovery::escape_untrusted(&err.to_string())
                     );
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(r.max_backoff);

@@ -389,9 +389,6 @@ pub struct GcpDiscovery {
 impl GcpDiscovery {
     /// Validates the configuration. Nothing is contacted until the first round.
     pub fn new(mut config: Config, ctx: Context) -> Result<Arc<Self>, GcpError> {
-        // Several rustls providers are linked into this workspace (ring through kube,
-        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         if !config.zones.is_empty() && config.region.is_some() {
             return Err(GcpError::ZonesAndRegion);
         }
@@ -746,7 +743,8 @@ impl GcpDiscovery {
                         tracing::warn!(
                             zone,
                             kept = kept.len(),
-                            "gcp: listing a zone failed, keeping its last good instances: {e}"
+                            "gcp: listing a zone failed, keeping its last good instances: {}",
+                            discovery::escape_untrusted(&e.to_string())
                         );
                         report.excluded.push(Exclusion {
                             id: format!("zone {zone}"),

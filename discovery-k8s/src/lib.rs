@@ -4,8 +4,8 @@
 //! [`Discover::watch`] lists once, then follows a watch from the list's `resourceVersion`, so a
 //! pod change reaches the candidate set as soon as the API server streams it. When the watch
 //! fails (network, `410 Gone`, no `watch` permission) it lists again after a jittered backoff,
-//! which degrades to a periodic list at `--discovery_refresh`. A failure never clears the
-//! published set.
+//! which degrades to a periodic list at `--discovery_refresh`; `410`s in a row back off too. A
+//! failure never clears the published set.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use discovery::{
     BoxFuture, Context, Discover, DiscoveryError, Refresh, RefreshObserver, Report, Snapshot,
-    jitter,
+    escape_untrusted, jitter,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -37,6 +37,8 @@ const WATCH_TIMEOUT_SECS: u32 = 290;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most pages one list may have, so a misbehaving server cannot loop us forever.
 const MAX_PAGES: usize = 10_000;
+/// The longest pause before listing again after `410 Gone` (and at most `--discovery_refresh`).
+const GONE_BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// Why the Kubernetes backend cannot be configured.
 #[derive(Debug, thiserror::Error)]
@@ -242,8 +244,10 @@ type Objects<K> = BTreeMap<String, K>;
 enum WatchEnd {
     /// Every receiver is gone.
     Closed,
-    /// The resource version is too old; list again now.
-    Gone,
+    /// The resource version is too old; list again soon. `progressed` is set when a watch
+    /// delivered events or ran its course first, so the server is healthy and the relist
+    /// backoff starts over.
+    Gone { progressed: bool },
     /// The watch failed; back off, then list again.
     Failed(DiscoveryError),
 }
@@ -251,9 +255,6 @@ enum WatchEnd {
 impl K8sDiscovery {
     /// The backend; the client is configured on first use, from `env`.
     pub fn new(settings: Settings, env: ConfigEnv, ctx: Context) -> Arc<Self> {
-        // Several rustls providers are linked into this workspace (ring through kube,
-        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         Arc::new(Self {
             settings,
             env,
@@ -377,6 +378,7 @@ impl K8sDiscovery {
             Err(e) => return WatchEnd::Failed(e),
         };
         let api: Api<K> = Api::namespaced(conn.client.clone(), &conn.namespace);
+        let mut progressed = false;
         loop {
             let params = WatchParams::default()
                 .labels(&self.selector())
@@ -416,6 +418,9 @@ impl K8sDiscovery {
                         return WatchEnd::Failed(self.api_error::<K>(&conn.namespace, e));
                     }
                 };
+                if !matches!(event, WatchEvent::Error(_)) {
+                    progressed = true;
+                }
                 match event {
                     WatchEvent::Added(o) | WatchEvent::Modified(o) => {
                         if let Some(v) = &o.meta().resource_version {
@@ -435,7 +440,7 @@ impl K8sDiscovery {
                     }
                     WatchEvent::Error(status) => {
                         if status.code == 410 {
-                            return WatchEnd::Gone;
+                            return WatchEnd::Gone { progressed };
                         }
                         return WatchEnd::Failed(
                             self.api_error::<K>(&conn.namespace, kube::Error::Api(status)),
@@ -463,6 +468,7 @@ impl K8sDiscovery {
                     transient: true,
                 });
             }
+            progressed = true;
         }
     }
 
@@ -479,6 +485,13 @@ impl K8sDiscovery {
             tokio::time::sleep(jitter(refresh.initial_jitter)).await;
         }
         let mut backoff = min_backoff;
+        // A server that answers every watch with 410 would otherwise be listed several times
+        // a second: relists back off too, from a short first pause (a compaction after a
+        // healthy watch needs one quick relist) doubling to the cap, with jitter.
+        let gone_min = (min_backoff / 4).max(Duration::from_millis(10));
+        let gone_cap = interval.min(GONE_BACKOFF_CAP).max(gone_min);
+        let mut gone_backoff = gone_min;
+        let mut gone_in_a_row = 0u32;
         let mut refreshes = 0u64;
         loop {
             if tx.is_closed() {
@@ -496,12 +509,29 @@ impl K8sDiscovery {
                     });
                     match self.follow(&mut objects, rv, &tx, &mut refreshes).await {
                         WatchEnd::Closed => return,
-                        WatchEnd::Gone => {
-                            // A short jittered pause bounds the rate of relists.
-                            tracing::debug!("watch resource version expired; listing again");
+                        WatchEnd::Gone { progressed } => {
                             backoff = min_backoff;
+                            if progressed {
+                                gone_backoff = gone_min;
+                                gone_in_a_row = 0;
+                            }
+                            gone_in_a_row += 1;
+                            let pause = gone_backoff / 2 + jitter(gone_backoff / 2);
+                            gone_backoff = (gone_backoff * 2).min(gone_cap);
+                            if gone_in_a_row == 5 {
+                                tracing::warn!(
+                                    backend = BACKEND,
+                                    retry_in_ms = pause.as_millis() as u64,
+                                    "the API server answered {gone_in_a_row} watches in a row with 410 Gone right after a list; listing again with a growing backoff (check the API server's watch cache and etcd compaction)"
+                                );
+                            } else {
+                                tracing::debug!(
+                                    retry_in_ms = pause.as_millis() as u64,
+                                    "watch resource version expired; listing again"
+                                );
+                            }
                             tokio::select! {
-                                _ = tokio::time::sleep(jitter(min_backoff / 4)) => {}
+                                _ = tokio::time::sleep(pause) => {}
                                 _ = tx.closed() => return,
                             }
                             continue;
@@ -539,11 +569,13 @@ impl K8sDiscovery {
 fn map_error(e: kube::Error, plural: &str, rule: &str, namespace: &str) -> DiscoveryError {
     match e {
         kube::Error::Api(status) => {
-            let msg = if status.message.is_empty() {
-                status.reason.clone()
+            // The server's words reach logs and `node discover`: escaped, so they cannot forge
+            // lines or send terminal sequences.
+            let msg = escape_untrusted(if status.message.is_empty() {
+                &status.reason
             } else {
-                status.message.clone()
-            };
+                &status.message
+            });
             match status.code {
                 401 => DiscoveryError::Unauthorized {
                     backend: BACKEND,
@@ -570,7 +602,7 @@ fn map_error(e: kube::Error, plural: &str, rule: &str, namespace: &str) -> Disco
                 },
                 code => DiscoveryError::Api {
                     backend: BACKEND,
-                    message: format!("{msg} ({code} {})", status.reason),
+                    message: format!("{msg} ({code} {})", escape_untrusted(&status.reason)),
                     transient: code >= 500 || code == 410 || code == 0,
                 },
             }

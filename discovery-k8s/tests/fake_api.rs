@@ -409,6 +409,71 @@ async fn a_watch_that_expires_lists_again_and_keeps_going() {
         .unwrap();
 }
 
+fn pod_lists(f: &FakeApi) -> usize {
+    f.requests()
+        .iter()
+        .filter(|q| q.contains("/pods") && !q.contains("watch=true"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_server_that_keeps_answering_410_is_listed_with_a_growing_backoff() {
+    let f = fake();
+    f.put_pod(NS, &running_pod("a", "10.0.9.1", &[("app", "x")]));
+    f.always_expire_watches(true);
+    let dir = tempfile::tempdir().unwrap();
+    let b = labels_backend(&f, &dir, "app=x");
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(
+        b.clone()
+            .watch(Refresh::default(), tx, Arc::new(NoObserver)),
+    );
+    wait_for(&mut rx, Duration::from_secs(10), "initial", |s| {
+        has(s, "10.0.9.1")
+    })
+    .await;
+    let first = pod_lists(&f);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A fixed pause of at most 125 ms made 30 or more lists in 4 s. Doubling from 62-125 ms,
+    // even the shortest pauses (62, 125, 250, 500, 1000, 2000 ms) allow at most 7.
+    let lists = pod_lists(&f) - first;
+    assert!(
+        (2..=8).contains(&lists),
+        "{lists} lists in 4 s against a server answering every watch with 410"
+    );
+    assert!(has(&rx.borrow(), "10.0.9.1"), "the set was kept");
+
+    // Once watches work again, a watch that delivered events resets the backoff: the next 410
+    // is followed by a quick relist.
+    f.always_expire_watches(false);
+    f.put_pod(NS, &running_pod("b", "10.0.9.2", &[("app", "x")]));
+    wait_for(&mut rx, Duration::from_secs(15), "watching again", |s| {
+        has(s, "10.0.9.2")
+    })
+    .await;
+    // `b` came with a list made after watches were fixed, so this one arrives as a watch event.
+    f.put_pod(NS, &running_pod("c", "10.0.9.3", &[("app", "x")]));
+    wait_for(&mut rx, Duration::from_secs(2), "watched pod", |s| {
+        has(s, "10.0.9.3")
+    })
+    .await;
+    let before = pod_lists(&f);
+    f.restart_with_change(NS, &running_pod("d", "10.0.9.4", &[("app", "x")]));
+    wait_for(
+        &mut rx,
+        Duration::from_secs(1),
+        "relist after one 410",
+        |s| has(s, "10.0.9.4"),
+    )
+    .await;
+    assert!(pod_lists(&f) > before);
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn auth_failures_name_the_rbac_rule() {
     let f = fake();

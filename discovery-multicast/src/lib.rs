@@ -12,6 +12,8 @@
 //!   ignored; garbage, oversized or unauthenticated datagrams are dropped and counted
 //!   ([`Stats`]), and reported in a rate-limited warning, never a crash.
 //! - [`codec::Seal`] is the seam where the cluster key's authentication plugs in.
+//! - Text from the wire (a foreign cluster name) is escaped with `discovery::escape_untrusted`
+//!   where it reaches a log line, so it cannot forge lines or send escape codes.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use discovery::{
     BoxFuture, Candidate, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver,
-    Report, Snapshot,
+    Report, Snapshot, escape_untrusted,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -188,6 +190,17 @@ impl Stats {
 
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Logs an announcement that was seen and skipped. Its reason may quote a foreign cluster name
+/// from the wire, so it is escaped here, where it reaches the log (`node discover` escapes the
+/// reasons it prints).
+fn log_skipped(x: &Exclusion) {
+    tracing::debug!(
+        peer = %escape_untrusted(&x.id),
+        reason = %escape_untrusted(&x.reason),
+        "announcement skipped"
+    );
 }
 
 /// What one datagram turned out to be.
@@ -503,7 +516,7 @@ impl MulticastDiscovery {
                                 ));
                             }
                         },
-                        Heard::Skipped(x) => tracing::debug!(peer = %x.id, reason = %x.reason, "announcement skipped"),
+                        Heard::Skipped(x) => log_skipped(&x),
                         Heard::Dropped(e) => {
                             let st = self.stats.snapshot();
                             drops.maybe(|| tracing::warn!(
@@ -766,6 +779,67 @@ mod tests {
                 s.oversized
             ),
             (6, 1, 1, 1, 2, 1)
+        );
+    }
+
+    /// A `MakeWriter` that keeps everything written, for reading log output back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forged_cluster_name_is_one_escaped_log_line() {
+        let d = backend(ctx("127.0.0.0/8"));
+        let forged = Announcement {
+            cluster_name:
+                "x\n\tMember [127.0.0.66]:5701 - 6f1c this\n  Member [127.0.0.67]:5701\n\x1b[2J\u{202e}"
+                    .into(),
+            role: Role::Worker,
+            node_id: Uuid::from_u128(66),
+            ip: Ipv4Addr::new(127, 0, 0, 66),
+            port: 8081,
+            interval_ms: 1000,
+        };
+        let Heard::Skipped(x) = d.hear(&forged.encode().unwrap(), from("127.0.0.66")) else {
+            panic!("a foreign cluster is skipped");
+        };
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log_skipped(&x));
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.ends_with('\n'));
+        assert!(
+            !text.contains('\x1b') && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        assert!(
+            !text.lines().any(|l| l.trim_start().starts_with("Member")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r"x\n\tMember [127.0.0.66]:5701") && text.contains(r"\u{1b}[2J\u{202e}"),
+            "{text}"
         );
     }
 

@@ -1,12 +1,14 @@
 //! Static discovery: `--static_members`, a comma list of IPs, `IP:port`s and DNS names.
 //!
-//! DNS names are resolved again at every refresh, so a peer that moves is followed. A port,
+//! DNS names are resolved again at every refresh, so a peer that moves is followed; a name that
+//! fails to resolve keeps its last good addresses, so a DNS hiccup never drops a peer. A port,
 //! when given, is the peer's `--private_port`; otherwise the local one is assumed. The list is
 //! the operator's own, so only `self` is excluded: `--private_ip_selector` picks the local
 //! address and does not filter listed peers.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use discovery::{BoxFuture, Context, Discover, DiscoveryError, Exclusion, Report};
 
@@ -164,6 +166,8 @@ pub struct StaticDiscovery {
     entries: Vec<(String, Entry)>,
     ctx: Context,
     resolver: Resolver,
+    /// The addresses each DNS entry (by index) last resolved to.
+    last_good: Mutex<HashMap<usize, Vec<IpAddr>>>,
 }
 
 impl std::fmt::Debug for StaticDiscovery {
@@ -199,50 +203,72 @@ impl StaticDiscovery {
             entries,
             ctx,
             resolver,
+            last_good: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Resolves one name within 5 s; an empty answer counts as a failure.
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
+        let found = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            (self.resolver)(host.to_owned(), port),
+        )
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "resolution took longer than 5 s",
+            )
+        })?;
+        let mut v = found?;
+        if v.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name has no address",
+            ));
+        }
+        v.sort();
+        v.dedup();
+        Ok(v)
     }
 
     async fn round(&self) -> Result<Report, DiscoveryError> {
         let mut report = Report::default();
         let mut failures = Vec::new();
-        for (raw, entry) in &self.entries {
+        for (i, (raw, entry)) in self.entries.iter().enumerate() {
             let port = entry.port().unwrap_or(self.ctx.private_port);
             let ips: Vec<IpAddr> = match entry {
                 Entry::Ip(ip, _) => vec![*ip],
-                Entry::Host(host, _) => {
-                    match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        (self.resolver)(host.clone(), port),
-                    )
-                    .await
-                    {
-                        Ok(Ok(mut v)) => {
-                            v.sort();
-                            v.dedup();
-                            v
-                        }
-                        Ok(Err(e)) => {
-                            report.excluded.push(Exclusion {
-                                id: raw.clone(),
-                                reason: format!("cannot resolve: {e}"),
-                            });
-                            failures.push((host.clone(), e));
-                            continue;
-                        }
-                        Err(_) => {
-                            let e = std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                "resolution took longer than 5 s",
-                            );
-                            report.excluded.push(Exclusion {
-                                id: raw.clone(),
-                                reason: format!("cannot resolve: {e}"),
-                            });
-                            failures.push((host.clone(), e));
-                            continue;
-                        }
+                Entry::Host(host, _) => match self.resolve(host, port).await {
+                    Ok(v) => {
+                        self.last_good
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(i, v.clone());
+                        v
                     }
-                }
+                    Err(e) => {
+                        // A failure never removes a candidate: the last good answer stands in.
+                        let kept = self
+                            .last_good
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&i)
+                            .cloned()
+                            .unwrap_or_default();
+                        let reason = if kept.is_empty() {
+                            format!("cannot resolve: {e}")
+                        } else {
+                            format!("cannot resolve: {e}; keeping its last good addresses")
+                        };
+                        report.excluded.push(Exclusion {
+                            id: raw.clone(),
+                            reason,
+                        });
+                        failures.push((host.clone(), e));
+                        kept
+                    }
+                },
             };
             for ip in ips {
                 let id = if matches!(entry, Entry::Host(..)) {
@@ -264,11 +290,9 @@ impl StaticDiscovery {
                 }
             }
         }
-        // Only when every name failed is the round a failure; otherwise the rest still count.
-        if report.candidates.is_empty()
-            && !failures.is_empty()
-            && failures.len() == self.entries.len()
-        {
+        // Only when every name failed is the round a failure (the refresh loop then keeps the
+        // whole set); otherwise the rest, and the failed names' last good addresses, count.
+        if !failures.is_empty() && failures.len() == self.entries.len() {
             let (name, source) = failures.remove(0);
             return Err(DiscoveryError::Resolve { name, source });
         }
@@ -400,6 +424,71 @@ mod tests {
         assert!(!got.iter().any(|(ip, _)| ip == "127.0.0.21"));
         let reasons: Vec<&str> = r.excluded.iter().map(|x| x.reason.as_str()).collect();
         assert_eq!(reasons, vec!["self"]);
+    }
+
+    /// Answers from a script: each lookup takes the next answer for its name.
+    fn scripted_resolver(script: Vec<(&'static str, std::io::Result<Vec<IpAddr>>)>) -> Resolver {
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        Arc::new(move |host: String, _port: u16| {
+            let script = script.clone();
+            Box::pin(async move {
+                let mut s = script.lock().unwrap();
+                let at = s
+                    .iter()
+                    .position(|(h, _)| *h == host)
+                    .unwrap_or_else(|| panic!("unexpected lookup of {host}"));
+                s.remove(at).unwrap().1
+            })
+        })
+    }
+
+    fn addr_set(r: &Report) -> Vec<String> {
+        let mut v: Vec<String> = r.candidates.iter().map(|c| c.ip.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_failed_resolution_keeps_the_names_last_good_addresses() {
+        let fail = || {
+            Err(std::io::Error::other(
+                "temporary failure in name resolution",
+            ))
+        };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let d = StaticDiscovery::with_resolver(
+            "a.test, b.test",
+            ctx(),
+            scripted_resolver(vec![
+                ("a.test", Ok(vec![ip("127.0.0.31"), ip("127.0.0.32")])),
+                ("b.test", Ok(vec![ip("127.0.0.41")])),
+                // Round 2: `a.test` fails while `b.test` answers.
+                ("a.test", fail()),
+                ("b.test", Ok(vec![ip("127.0.0.42")])),
+                // Round 3: an empty answer is a failure too.
+                ("a.test", Ok(vec![])),
+                ("b.test", Ok(vec![ip("127.0.0.42")])),
+                // Round 4: `a.test` moves.
+                ("a.test", Ok(vec![ip("127.0.0.33")])),
+                ("b.test", Ok(vec![ip("127.0.0.42")])),
+            ]),
+        )
+        .unwrap();
+        let r = d.discover().await.unwrap();
+        assert_eq!(addr_set(&r), ["127.0.0.31", "127.0.0.32", "127.0.0.41"]);
+        for _ in 0..2 {
+            let r = d.discover().await.unwrap();
+            assert_eq!(addr_set(&r), ["127.0.0.31", "127.0.0.32", "127.0.0.42"]);
+            let x = r.excluded.iter().find(|x| x.id == "a.test").unwrap();
+            assert!(
+                x.reason.starts_with("cannot resolve") && x.reason.contains("last good"),
+                "{}",
+                x.reason
+            );
+        }
+        let r = d.discover().await.unwrap();
+        assert_eq!(addr_set(&r), ["127.0.0.33", "127.0.0.42"]);
+        assert!(r.excluded.is_empty(), "{:?}", r.excluded);
     }
 
     #[tokio::test]

@@ -4,6 +4,9 @@
 //! default polls [`Discover::discover`] every refresh interval and publishes the latest good
 //! [`Snapshot`] on a `watch` channel. Failures never clear the published set: the membership
 //! engine alone decides when a member is gone.
+//!
+//! Names, labels and messages that backends get from the network or a cloud API reach logs
+//! and terminals only through [`escape_untrusted`].
 
 use std::fmt;
 use std::future::Future;
@@ -356,7 +359,8 @@ pub async fn poll_loop<D: Discover + ?Sized>(
                         backend = backend.name(),
                         kind = err.kind(),
                         retry_in_ms = pause.as_millis() as u64,
-                        "discovery failed, keeping the last good candidate set: {err}"
+                        "discovery failed, keeping the last good candidate set: {}",
+                        escape_untrusted(&err.to_string())
                     );
                     backoff = (backoff * 2).min(interval);
                     pause
@@ -364,7 +368,8 @@ pub async fn poll_loop<D: Discover + ?Sized>(
                     tracing::error!(
                         backend = backend.name(),
                         kind = err.kind(),
-                        "discovery failed, keeping the last good candidate set: {err}"
+                        "discovery failed, keeping the last good candidate set: {}",
+                        escape_untrusted(&err.to_string())
                     );
                     interval
                 }
@@ -375,6 +380,32 @@ pub async fn poll_loop<D: Discover + ?Sized>(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// Escapes text from the network for a log line or a terminal. Control characters (newlines,
+/// the ESC of terminal sequences), backslashes and invisible bidirectional or zero-width marks
+/// become Rust escapes (`\n`, `\u{1b}`), so one value cannot forge or hide a line; other text
+/// is kept as it is.
+pub fn escape_untrusted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' | '\n' | '\r' | '\t' => out.extend(c.escape_default()),
+            c if c.is_control()
+                || matches!(
+                    c,
+                    '\u{200b}'..='\u{200f}'
+                        | '\u{2028}'..='\u{202e}'
+                        | '\u{2066}'..='\u{2069}'
+                        | '\u{feff}'
+                ) =>
+            {
+                out.extend(c.escape_unicode())
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A uniformly random duration in `[0, max]` ("full jitter").
@@ -388,6 +419,13 @@ pub fn jitter(max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaping_keeps_ordinary_text_and_escapes_the_rest() {
+        assert_eq!(escape_untrusted("blue-prod_1 ünï"), "blue-prod_1 ünï");
+        assert_eq!(escape_untrusted("a\\n\r\0\u{7f}"), r"a\\n\r\u{0}\u{7f}");
+        assert_eq!(escape_untrusted("\u{200b}\u{2066}"), r"\u{200b}\u{2066}");
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn ctx() -> Context {

@@ -103,6 +103,8 @@ struct State {
     history: Vec<Change>,
     /// Watches from a resourceVersion below this get `410 Gone`.
     oldest_watchable: u64,
+    /// Every watch from a resourceVersion gets `410 Gone`, however recent.
+    always_gone: bool,
     /// Snapshots that `continue` tokens read from, by resourceVersion.
     snapshots: BTreeMap<u64, Arc<Objects>>,
     grants: HashMap<String, Grant>,
@@ -165,9 +167,6 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl FakeApi {
     /// Starts a server on `ip` (a loopback or test-namespace address) and an ephemeral port.
     pub fn start(ip: IpAddr) -> Result<FakeApi, FakeError> {
-        // Several rustls providers are linked into this workspace (ring through kube,
-        // aws-lc-rs through the cloud SDKs); rustls then needs one chosen. The first call wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -186,7 +185,7 @@ impl FakeApi {
             .push(rcgen::DnType::CommonName, "kube-apiserver");
         let server_cert = server_params.signed_by(&server_key, &ca)?;
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -309,6 +308,12 @@ impl FakeApi {
         s.history.clear();
         s.oldest_watchable = s.rv;
         s.snapshots.clear();
+    }
+
+    /// While `on`, every watch that resumes from a resourceVersion gets `410 Gone`, as from a
+    /// server whose watch cache keeps falling behind its lists.
+    pub fn always_expire_watches(&self, on: bool) {
+        lock(&self.state).always_gone = on;
     }
 
     fn put(&self, res: Res, ns: &str, obj: Value) -> u64 {
@@ -843,7 +848,7 @@ fn watch(
             }
         } else {
             match since.parse::<u64>() {
-                Ok(n) if n >= s.oldest_watchable => {
+                Ok(n) if n >= s.oldest_watchable && !s.always_gone => {
                     for c in s.history.iter().filter(|c| c.rv > n) {
                         if let Some(ev) = translate(c, res, &ns, &selector) {
                             initial.push(line(&ev));

@@ -12,7 +12,7 @@
 //!
 //! No error, `Debug` output or log line of this crate contains key material.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -37,8 +37,9 @@ pub const RAW_OVERHEAD: usize = 1 + NONCE_LEN + TAG_LEN;
 pub const OVERHEAD: usize = RAW_OVERHEAD + 8;
 /// The most keys a file may hold; rotation needs two.
 pub const MAX_KEYS: usize = 16;
-/// The largest key file read, in bytes.
-pub const MAX_FILE_LEN: u64 = 16 * 1024;
+/// The largest key file read, in bytes: 16 keys take 720 bytes, the rest leaves room for
+/// comments. Reads stop here, so a file that never ends (a device) cannot stall start-up.
+pub const MAX_FILE_LEN: u64 = 4 * 1024;
 
 /// Why a key file could not be used or a message was dropped. No variant holds key material.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,26 @@ pub enum KeyringError {
     TooLarge {
         /// The file.
         path: PathBuf,
+    },
+    /// The path is not a regular file: a FIFO, a device or a directory would block or never end.
+    #[error(
+        "the cluster key file {path} is a {kind}, not a regular file: point --cluster_key_file at a file written by `node keygen > FILE`"
+    )]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// Users other than the owner can change the key file, so they could plant their own key.
+    #[error(
+        "the cluster key file {path} has mode {mode:04o}, so other users can change it: run `chmod 600 {path}` (or at least `chmod go-w {path}`)"
+    )]
+    Writable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The key file holds no key.
     #[error(
@@ -160,7 +181,7 @@ impl fmt::Debug for Keyring {
 pub struct Loaded {
     /// The keys.
     pub ring: Keyring,
-    /// Set when the file is readable or writable by group or others.
+    /// Set when group or others can read the file. A file they can write is refused instead.
     pub permission_warning: Option<String>,
 }
 
@@ -218,19 +239,35 @@ impl Keyring {
         Ok(Self { keys })
     }
 
-    /// Reads and parses a key file, and checks that only its owner can read it.
+    /// Reads and parses a key file. Refuses anything but a regular file (before opening it, so a
+    /// FIFO cannot block), a file group or others can write, and a file over [`MAX_FILE_LEN`]
+    /// (the read itself is bounded); warns when group or others can read it.
     pub fn load(path: &Path) -> Result<Loaded, KeyringError> {
+        use std::io::Read as _;
         let read = |source| KeyringError::Read {
             path: path.to_owned(),
             source,
         };
         let meta = std::fs::metadata(path).map_err(read)?;
-        if meta.len() > MAX_FILE_LEN {
+        check_file(path, &meta)?;
+        let file = std::fs::File::open(path).map_err(read)?;
+        // The path may have been swapped between the check and the open: check what was opened.
+        check_file(path, &file.metadata().map_err(read)?)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read)?;
+        if bytes.len() as u64 > MAX_FILE_LEN {
             return Err(KeyringError::TooLarge {
                 path: path.to_owned(),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
+        })?;
         let ring = Self::parse(&text, &path.display().to_string())?;
         Ok(Loaded {
             ring,
@@ -280,13 +317,56 @@ impl Keyring {
     }
 }
 
+/// Refuses what is not a regular file, or what group or others can write.
+fn check_file(path: &Path, meta: &std::fs::Metadata) -> Result<(), KeyringError> {
+    if !meta.is_file() {
+        return Err(KeyringError::NotRegular {
+            path: path.to_owned(),
+            kind: file_kind(meta),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(KeyringError::Writable {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_dir() {
+        return "directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt as _;
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "device";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+    }
+    "special file"
+}
+
 #[cfg(unix)]
 fn permission_warning(path: &Path, meta: &std::fs::Metadata) -> Option<String> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = meta.permissions().mode() & 0o777;
-    (mode & 0o077 != 0).then(|| {
+    (mode & 0o044 != 0).then(|| {
         format!(
-            "the cluster key file {} has mode {mode:04o}, so other users can read or change it: run `chmod 600 {}`",
+            "the cluster key file {} has mode {mode:04o}, so other users can read it: run `chmod 600 {}`",
             path.display(),
             path.display()
         )
@@ -310,9 +390,9 @@ pub fn unix_ms() -> u64 {
 pub struct SealerConfig {
     /// Messages whose timestamp is further than this from the local clock are stale.
     pub window: Duration,
-    /// The most nonces remembered. When full, the oldest is forgotten and every message no
-    /// newer than it is refused, so a replay is never accepted; size it above the messages
-    /// received within two windows.
+    /// The most nonces remembered. When full, the earliest-stamped is forgotten and every
+    /// message stamped no later than it is refused, so a replay is never accepted; size it above
+    /// the messages received within two windows.
     pub replay_capacity: usize,
 }
 
@@ -325,10 +405,16 @@ impl Default for SealerConfig {
     }
 }
 
+/// Nonces seen within the window, ordered by their timestamps.
+///
+/// Eviction takes the earliest stamp, never the earliest arrival: a message from a peer whose
+/// clock runs ahead carries a late stamp, so it is forgotten last and cannot raise the floor
+/// above the stamps of honest messages (it used to be evicted first, refusing every honest
+/// message for as long as that clock was ahead).
 #[derive(Debug, Default)]
 struct ReplayCache {
-    seen: HashMap<[u8; NONCE_LEN], u64>,
-    order: VecDeque<([u8; NONCE_LEN], u64)>,
+    seen: HashSet<[u8; NONCE_LEN]>,
+    by_time: BTreeSet<(u64, [u8; NONCE_LEN])>,
     /// Messages stamped at or before this were forgotten early; they are refused.
     floor: u64,
 }
@@ -419,20 +505,20 @@ impl Sealer {
         window: u64,
     ) -> Result<(), KeyringError> {
         let mut c = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-        if c.seen.contains_key(&nonce) || (c.floor > 0 && ts <= c.floor) {
+        if c.seen.contains(&nonce) || (c.floor > 0 && ts <= c.floor) {
             return Err(KeyringError::Replayed);
         }
         // Forget what is outside the window: the timestamp check refuses it anyway.
         let horizon = now_ms.saturating_sub(window);
-        while let Some(&(n, t)) = c.order.front() {
+        while let Some(&(t, n)) = c.by_time.first() {
             if t >= horizon {
                 break;
             }
-            c.order.pop_front();
+            c.by_time.pop_first();
             c.seen.remove(&n);
         }
-        while c.order.len() >= self.cfg.replay_capacity.max(1) {
-            let Some((n, t)) = c.order.pop_front() else {
+        while c.by_time.len() >= self.cfg.replay_capacity.max(1) {
+            let Some((t, n)) = c.by_time.pop_first() else {
                 break;
             };
             c.seen.remove(&n);
@@ -441,8 +527,8 @@ impl Sealer {
         if c.floor > 0 && ts <= c.floor {
             return Err(KeyringError::Replayed);
         }
-        c.seen.insert(nonce, ts);
-        c.order.push_back((nonce, ts));
+        c.seen.insert(nonce);
+        c.by_time.insert((ts, nonce));
         Ok(())
     }
 }
@@ -542,21 +628,117 @@ mod tests {
         assert!(!format!("{:?}", ring(K1)).contains(K1));
     }
 
-    #[test]
-    fn loading_warns_about_loose_permissions() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("keyring-test-{}", std::process::id()));
+    /// A fresh directory under the temp dir, removed by the caller.
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("keyring-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Runs `Keyring::load` on a thread, so a load that blocks fails the test instead of
+    /// hanging it.
+    fn load_within_5s(path: &Path) -> Result<Loaded, KeyringError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(Keyring::load(&p));
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("loading the key file blocked for 5 s")
+    }
+
+    #[test]
+    fn loading_warns_about_readable_files_and_refuses_writable_ones() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = temp_dir("perms");
         let path = dir.join("key");
         std::fs::write(&path, format!("{K1}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let l = Keyring::load(&path).unwrap();
         let w = l.permission_warning.unwrap();
         assert!(w.contains("0644") && w.contains("chmod 600"), "{w}");
+        for mode in [0o620, 0o602, 0o666] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Keyring::load(&path).unwrap_err();
+            assert!(matches!(e, KeyringError::Writable { .. }), "{e:?}");
+            let e = e.to_string();
+            let fix = format!("chmod 600 {}", path.display());
+            assert!(
+                e.contains(&format!("{mode:04o}")) && e.contains(&fix) && e.contains("go-w"),
+                "{e}"
+            );
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Keyring::load(&path).unwrap().permission_warning.is_none());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
         assert!(Keyring::load(&path).unwrap().permission_warning.is_none());
         let missing = Keyring::load(&dir.join("absent")).unwrap_err().to_string();
         assert!(missing.contains("absent"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_a_device_or_a_directory_is_refused_without_blocking() {
+        let dir = temp_dir("special");
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg("-m")
+            .arg("600")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        // Nobody writes to the FIFO: opening it for reading would block for good.
+        let e = load_within_5s(&fifo).unwrap_err();
+        assert!(
+            matches!(e, KeyringError::NotRegular { kind: "FIFO", .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        // /dev/zero never ends and reports a length of 0.
+        let e = load_within_5s(Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            matches!(e, KeyringError::NotRegular { kind: "device", .. }),
+            "{e:?}"
+        );
+        let e = load_within_5s(&dir).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyringError::NotRegular {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_file_over_the_bound_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = temp_dir("large");
+        let path = dir.join("key");
+        // Valid keys, then comments up to one byte over the bound.
+        let mut text = format!("{K1}\n");
+        while text.len() < MAX_FILE_LEN as usize + 1 {
+            text.push_str("# padding\n");
+        }
+        text.truncate(MAX_FILE_LEN as usize + 1);
+        std::fs::write(&path, &text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Keyring::load(&path).unwrap_err();
+        assert!(matches!(e, KeyringError::TooLarge { .. }), "{e:?}");
+        text.truncate(MAX_FILE_LEN as usize);
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(Keyring::load(&path).unwrap().ring.len(), 1);
+        // The bound leaves room for the most keys a file may hold, with CRLF line ends.
+        let most = std::iter::repeat_n(K1, MAX_KEYS)
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        assert!((most.len() as u64) < MAX_FILE_LEN / 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -609,6 +791,36 @@ mod tests {
         // Fresher messages still pass.
         let fresh = s.seal_at(b"", b"m", now + 100);
         s.open_at(b"", &fresh, now + 100).unwrap();
+    }
+
+    #[test]
+    fn a_peer_whose_clock_runs_ahead_never_gets_honest_messages_refused() {
+        let s = Sealer::new(
+            ring(K1),
+            SealerConfig {
+                window: Duration::from_secs(30),
+                replay_capacity: 4,
+            },
+        );
+        let now = 5_000_000;
+        // One accepted message stamped 20 s ahead, then enough honest traffic to fill the cache
+        // several times over.
+        let ahead = s.seal_at(b"", b"fast clock", now + 20_000);
+        s.open_at(b"", &ahead, now).unwrap();
+        let honest: Vec<Vec<u8>> = (0..12).map(|i| s.seal_at(b"", b"m", now + i)).collect();
+        for (i, m) in honest.iter().enumerate() {
+            s.open_at(b"", m, now + i as u64)
+                .unwrap_or_else(|e| panic!("honest message {i} refused: {e}"));
+        }
+        // True replays, evicted or not, are still refused, the fast one included.
+        for m in honest.iter().chain([&ahead]) {
+            assert!(matches!(
+                s.open_at(b"", m, now + 20),
+                Err(KeyringError::Replayed)
+            ));
+        }
+        let later = s.seal_at(b"", b"m", now + 1_000);
+        s.open_at(b"", &later, now + 1_000).unwrap();
     }
 
     #[test]

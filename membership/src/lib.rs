@@ -29,6 +29,10 @@ pub enum MembershipError {
     /// foca refused the message.
     #[error("swim protocol: {0}")]
     Swim(String),
+    /// The message is well formed but not acceptable from where it came; the label says why
+    /// (for example `spoofed_source`: the sender it names is not at the packet's source).
+    #[error("message refused: {0}")]
+    Refused(&'static str),
 }
 
 impl MembershipError {
@@ -39,6 +43,7 @@ impl MembershipError {
             MembershipError::Encode(_) => "encode",
             MembershipError::ForeignCluster => "foreign_cluster",
             MembershipError::Swim(_) => "swim",
+            MembershipError::Refused(label) => label,
         }
     }
 }

@@ -10,12 +10,22 @@ use crate::id::NodeId;
 /// A member list as the oldest member sequenced it: the same on every member once converged.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MemberList {
-    /// Grows by one or more with every change; never shrinks.
+    /// The issuing coordinator's sequence number: one more with every list it issues,
+    /// wrapping, compared with [`ver_newer`]. A new coordinator continues from the version it
+    /// held, so lists from one coordinator only move forward.
     pub ver: u64,
     /// The member that issued this version.
     pub coordinator: Uuid,
     /// The members, oldest first.
     pub members: Vec<NodeId>,
+}
+
+/// Whether version `a` is newer than `b` in serial-number order (RFC 1982 over 64 bits): `a`
+/// is at most 2^63 - 1 steps after `b`, wrapping. No version is newer than every other, so no
+/// claimed number can stop newer lists from being accepted.
+pub fn ver_newer(a: u64, b: u64) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 1 << 63
 }
 
 impl MemberList {
@@ -169,6 +179,27 @@ mod tests {
             n as u64,
             Role::Worker,
         )
+    }
+
+    #[test]
+    fn versions_compare_in_serial_number_order() {
+        assert!(ver_newer(2, 1));
+        assert!(!ver_newer(1, 2));
+        assert!(!ver_newer(5, 5));
+        // Past the largest number comes 0, which is newer: nothing pins a version.
+        assert!(ver_newer(0, u64::MAX));
+        assert!(ver_newer(3, u64::MAX - 1));
+        assert!(!ver_newer(u64::MAX, 0));
+        // Half the circle ahead is the limit.
+        assert!(ver_newer(1 << 62, 0));
+        assert!(!ver_newer(1 << 63, 0));
+        assert!(!ver_newer(0, 1 << 63));
+        for b in [0, 7, u64::MAX / 2, u64::MAX] {
+            for d in [1u64, 2, 1000, (1 << 63) - 1] {
+                let a = b.wrapping_add(d);
+                assert!(ver_newer(a, b) && !ver_newer(b, a), "{a} vs {b}");
+            }
+        }
     }
 
     #[test]

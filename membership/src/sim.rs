@@ -81,6 +81,41 @@ impl Sim {
         self.now
     }
 
+    /// The cluster tag every host uses, for forging messages.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The gossip address of host `i`.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.nodes[i].addr
+    }
+
+    /// The identity host `i` runs with, if it runs.
+    pub fn id(&self, i: usize) -> Option<NodeId> {
+        self.nodes[i].engine.as_ref().map(|e| *e.me())
+    }
+
+    /// Hands host `to` a datagram now, as if it came from `from`: a forged or foreign packet.
+    /// Whatever the host sends in answer crosses the network as usual; sent to an address
+    /// no host has, it is lost.
+    pub fn inject(&mut self, to: usize, from: SocketAddr, data: &[u8]) {
+        let now = self.now;
+        if let Some(e) = self.nodes[to].engine.as_mut() {
+            e.handle_datagram(from, data, now);
+        }
+        self.collect(to);
+    }
+
+    /// Like [`Sim::inject`], over a stream whose source is `from`.
+    pub fn inject_stream(&mut self, to: usize, from: SocketAddr, data: &[u8]) {
+        let now = self.now;
+        if let Some(e) = self.nodes[to].engine.as_mut() {
+            e.handle_stream(from, data, now);
+        }
+        self.collect(to);
+    }
+
     /// Drops this fraction of datagrams, in `[0, 1]`.
     pub fn set_loss(&mut self, loss: f64) {
         self.loss = loss.clamp(0.0, 1.0);
@@ -415,6 +450,265 @@ mod tests {
         assert!(!s.list(0).unwrap().contains(old));
     }
 
+    /// Every list every host adopted from `since[i]` on lists exactly `n` members.
+    fn lists_since(s: &Sim, since: &[usize]) -> Vec<Vec<usize>> {
+        s.nodes
+            .iter()
+            .zip(since)
+            .map(|(n, b)| n.history[*b..].iter().map(|l| l.members.len()).collect())
+            .collect()
+    }
+
+    /// The capture attack: one forged message per member, then a kill. Before versions were
+    /// sequenced by their coordinator only, a claimed `u64::MAX` pinned them and the killed
+    /// member stayed in every list for good.
+    #[test]
+    fn forged_versions_cannot_stop_lists_from_changing() {
+        use crate::wire::{ListMsg, PullMsg};
+        let outsider: SocketAddr = "198.18.200.1:10081".parse().unwrap();
+        for variant in 0..6 {
+            let mut s = sim(20 + variant);
+            let all = s.add_nodes(4);
+            assert!(s.run_until(secs(5), |s| s.converged(&all)));
+            s.run_for(secs(2));
+            let tag = s.tag();
+            let ids: Vec<NodeId> = all.iter().map(|&i| s.id(i).unwrap()).collect();
+            let held = s.list(0).unwrap().ver;
+            let list = |ver| {
+                wire::encode_list(
+                    tag,
+                    &ListMsg {
+                        ver,
+                        coordinator: ids[0].uuid,
+                        members: ids.clone(),
+                    },
+                )
+            };
+            let pull = |from: NodeId| {
+                wire::encode_pull(
+                    tag,
+                    &PullMsg {
+                        from,
+                        have_ver: u64::MAX,
+                        have_coordinator: ids[0].uuid,
+                    },
+                )
+            };
+            for i in 0..4 {
+                let (from, data) = match variant {
+                    // A pull from an outsider, and one from a member's own address.
+                    0 => (
+                        outsider,
+                        pull(NodeId::new(outsider, Uuid::from_u128(9), 1, Role::Worker)),
+                    ),
+                    1 => {
+                        let liar = ids[(i + 1) % 4];
+                        (liar.addr, pull(liar))
+                    }
+                    // The coordinator's list from another address.
+                    2 => (outsider, list(u64::MAX - 1)),
+                    3 => (ids[1].addr, list(u64::MAX - 1)),
+                    // The coordinator's list from its own address (a forged source, or a
+                    // coordinator that lies): near the top, and half the number circle ahead.
+                    4 => (ids[0].addr, list(u64::MAX - 1)),
+                    _ => (ids[0].addr, list(held.wrapping_add(1 << 62))),
+                };
+                s.inject(i, from, &data);
+            }
+            s.run_for(Duration::from_millis(500));
+            s.kill(3);
+            let t0 = s.now();
+            assert!(
+                s.run_until(t0 + secs(15), |s| s.converged(&[0, 1, 2])),
+                "variant {variant}: survivors still list {:?}",
+                (0..3)
+                    .map(|i| s.list(i).map(|l| l.members.len()))
+                    .collect::<Vec<_>>()
+            );
+            // And lists keep moving: a restart of host 3 is listed again.
+            s.start(3);
+            assert!(
+                s.run_until(s.now() + secs(15), |s| s.converged(&all)),
+                "variant {variant}: the restarted host was not listed again"
+            );
+            if variant < 4 {
+                // Nothing forged was adopted, so versions only moved forward.
+                assert!(forward_per_coordinator(&s), "variant {variant}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_forged_down_does_not_remove_a_live_member() {
+        let mut s = sim(30);
+        let all = s.add_nodes(4);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let since: Vec<usize> = s.nodes.iter().map(|n| n.history.len()).collect();
+        // Host 1 (a key holder) tells everyone, from its own address, that host 2 is down.
+        let liar = s.id(1).unwrap();
+        let victim = s.id(2).unwrap();
+        let tag = s.tag();
+        for i in [0, 3] {
+            let pkt = wire::FocaPacket {
+                header: foca::Header {
+                    src: liar,
+                    src_incarnation: 0,
+                    dst: s.id(i).unwrap(),
+                    message: foca::Message::Gossip,
+                },
+                updates: Some(vec![foca::Member::down(victim)]),
+                tail: Vec::new(),
+            };
+            let data = wire::encode_foca(tag, &pkt).unwrap();
+            s.inject(i, liar.addr, &data);
+        }
+        // A leave in its name, from the liar's address.
+        let leave = wire::encode_leave(tag, &victim);
+        for i in [0, 3] {
+            s.inject(i, liar.addr, &leave);
+        }
+        s.run_for(secs(30));
+        for (i, sizes) in lists_since(&s, &since).iter().enumerate() {
+            assert!(sizes.iter().all(|&n| n == 4), "host {i} logged {sizes:?}");
+        }
+        assert!(s.converged(&all));
+    }
+
+    /// A key holder that keeps relaying `Down`s about a live member, each at a higher
+    /// incarnation than the last refutation, over a lossy network.
+    #[test]
+    fn a_persistent_liar_cannot_remove_a_live_member() {
+        let mut s = sim(33);
+        let all = s.add_nodes(5);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let since: Vec<usize> = s.nodes.iter().map(|n| n.history.len()).collect();
+        s.set_loss(0.05);
+        let liar = s.id(1).unwrap();
+        let victim = s.id(2).unwrap();
+        let tag = s.tag();
+        for k in 0..60u16 {
+            for i in [0, 3, 4] {
+                let pkt = wire::FocaPacket {
+                    header: foca::Header {
+                        src: liar,
+                        src_incarnation: 0,
+                        dst: s.id(i).unwrap(),
+                        message: foca::Message::Gossip,
+                    },
+                    updates: Some(vec![foca::Member::new(
+                        victim,
+                        100 + 2 * k,
+                        foca::State::Down,
+                    )]),
+                    tail: Vec::new(),
+                };
+                s.inject(i, liar.addr, &wire::encode_foca(tag, &pkt).unwrap());
+            }
+            s.run_for(Duration::from_millis(500));
+        }
+        for (i, sizes) in lists_since(&s, &since).iter().enumerate() {
+            assert!(sizes.iter().all(|&n| n == 5), "host {i} logged {sizes:?}");
+        }
+        let refuted = s.nodes[2]
+            .engine
+            .as_ref()
+            .unwrap()
+            .stats()
+            .suspicions_refuted;
+        assert!(
+            refuted >= 30,
+            "the lies reached the victim only {refuted} times"
+        );
+        assert_eq!(
+            s.id(2),
+            Some(victim),
+            "the victim had to renew its identity"
+        );
+    }
+
+    #[test]
+    fn a_sync_flood_of_ghosts_never_reaches_a_list() {
+        use crate::wire::{Kind, SyncMsg};
+        let mut cfg = Config::lan();
+        cfg.member_cap = 64;
+        let mut s = Sim::new(31, cfg);
+        let all = s.add_nodes(4);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let real: Vec<Uuid> = all.iter().map(|&i| s.uuid(i).unwrap()).collect();
+        let ghosts: Vec<foca::Member<NodeId>> = (0..10_000u32)
+            .map(|i| {
+                let [_, x, y, z] = i.to_be_bytes();
+                foca::Member::alive(NodeId::new(
+                    SocketAddr::from(([172, 16 + x, y, z], 10081)),
+                    Uuid::from_u128(u128::from(i) + 1),
+                    // Older than every host: a ghost coordinator would freeze the lists.
+                    0,
+                    Role::Worker,
+                ))
+            })
+            .collect();
+        // Host 1 (a key holder) syncs them into host 0, over a stream from its own address.
+        let from = s.id(1).unwrap();
+        let data = wire::encode_sync(
+            s.tag(),
+            Kind::SyncRequest,
+            &SyncMsg {
+                from,
+                members: ghosts,
+            },
+        );
+        s.inject_stream(0, from.addr, &data);
+        s.run_for(secs(20));
+        for n in &s.nodes {
+            for l in &n.history {
+                assert!(l.members.iter().all(|m| real.contains(&m.uuid)), "{l:?}");
+            }
+            let e = n.engine.as_ref().unwrap();
+            assert!(e.alive().len() <= 64, "{} members", e.alive().len());
+        }
+        // Lists still follow the cluster: a kill is seen.
+        s.kill(3);
+        assert!(
+            s.run_until(s.now() + secs(30), |s| s.converged(&[0, 1, 2])),
+            "the kill was not seen"
+        );
+    }
+
+    /// On every host, consecutive lists from one coordinator move forward in serial order.
+    fn forward_per_coordinator(s: &Sim) -> bool {
+        s.nodes.iter().all(|n| {
+            n.history.windows(2).all(|w| {
+                w[0].coordinator != w[1].coordinator || crate::list::ver_newer(w[1].ver, w[0].ver)
+            })
+        })
+    }
+
+    #[test]
+    fn the_coordinator_killed_and_restarted_hands_over_without_help() {
+        let mut s = sim(32);
+        let all = s.add_nodes(4);
+        assert!(s.run_until(secs(5), |s| s.converged(&all)));
+        let first = s.list(1).unwrap().clone();
+        assert_eq!(first.coordinator, s.uuid(0).unwrap());
+        s.kill(0);
+        assert!(s.run_until(s.now() + secs(10), |s| s.converged(&[1, 2, 3])));
+        let second = s.list(1).unwrap().clone();
+        assert_eq!(
+            second.coordinator,
+            s.uuid(1).unwrap(),
+            "the next oldest took over"
+        );
+        assert!(
+            crate::list::ver_newer(second.ver, first.ver),
+            "it continued from what it held"
+        );
+        // The old coordinator's address comes back as a new, youngest process.
+        s.start(0);
+        assert!(s.run_until(s.now() + secs(10), |s| s.converged(&all)));
+        assert_eq!(s.list(0).unwrap().coordinator, s.uuid(1).unwrap());
+        assert!(forward_per_coordinator(&s));
+    }
+
     #[test]
     fn stats_count_direct_probe_round_trips() {
         let mut s = sim(8);
@@ -518,5 +812,18 @@ mod scenario_tests {
         let b = bytes_per_second(10, 3, Duration::from_secs(20)).expect("measures");
         assert!(b > 10.0, "{b}");
         assert_eq!(false_removals(3, 4, 0.0, Duration::from_secs(30)), Some(0));
+    }
+
+    /// The figures `cargo xtask bench` reports for the simulator, at its sizes; run with
+    /// `cargo test -p membership --release --lib -- --ignored --nocapture figures`.
+    #[test]
+    #[ignore = "slow: minutes of wall time at 1000 members"]
+    fn figures_at_the_bench_sizes() {
+        for n in [100, 500, 1000] {
+            let c = converge(n, 1).expect("converges");
+            let d = detect(n, 2).expect("detects");
+            eprintln!("n={n} converge={c:.3} s detect={d:.3} s");
+            assert!(c < 60.0 && d < 30.0, "n={n}: converge {c} s, detect {d} s");
+        }
     }
 }

@@ -522,24 +522,68 @@ pub fn decode_suspect(mut p: &[u8]) -> Result<SuspectMsg, MembershipError> {
     })
 }
 
-/// The member updates a foca packet carries after its header, for inspection by the engine.
-/// Returns the sender and the updates; `None` when the packet is malformed (foca will then
-/// reject it too).
-pub fn peek_foca(p: &[u8]) -> Option<(Header<NodeId>, Vec<Member<NodeId>>)> {
+/// A decoded foca packet: the header, the member updates and whatever follows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FocaPacket {
+    /// The SWIM header: sender, destination and message.
+    pub header: Header<NodeId>,
+    /// The piggybacked member updates; `None` when the packet has no update section.
+    pub updates: Option<Vec<Member<NodeId>>>,
+    /// Bytes after the updates (foca's custom broadcasts), passed on untouched.
+    pub tail: Vec<u8>,
+}
+
+/// Decodes a foca payload (after the envelope) the way foca reads it, so the engine can check
+/// the sender and rewrite the updates before foca applies them.
+pub fn decode_foca(p: &[u8]) -> Result<FocaPacket, MembershipError> {
     use foca::Codec as _;
     let mut buf = p;
-    let header = Codec.decode_header(&mut buf).ok()?;
-    let mut updates = Vec::new();
+    let header = Codec.decode_header(&mut buf)?;
+    let mut updates = None;
     if buf.remaining() >= 2 && header.message != Message::Broadcast {
         let n = buf.get_u16() as usize;
         if n > buf.remaining() / 30 {
-            return None;
+            return Err(MembershipError::Decode("more updates than bytes"));
         }
+        let mut v = Vec::with_capacity(n);
         for _ in 0..n {
-            updates.push(get_member(&mut buf).ok()?);
+            v.push(get_member(&mut buf)?);
+        }
+        updates = Some(v);
+    }
+    Ok(FocaPacket {
+        header,
+        updates,
+        tail: buf.to_vec(),
+    })
+}
+
+/// Encodes a whole [`Kind::Foca`] message, as [`decode_foca`] reads it back.
+pub fn encode_foca(tag: u64, pkt: &FocaPacket) -> Result<Vec<u8>, MembershipError> {
+    use foca::Codec as _;
+    let n = pkt.updates.as_ref().map_or(0, Vec::len);
+    let mut buf = Vec::with_capacity(HEADER_LEN + 3 * MAX_ID_LEN + 4 + n * (MAX_ID_LEN + 3));
+    put_header(&mut buf, Kind::Foca, tag);
+    Codec.encode_header(&pkt.header, &mut buf)?;
+    if let Some(updates) = &pkt.updates {
+        let n = u16::try_from(updates.len())
+            .map_err(|_| MembershipError::Encode("too many updates"))?;
+        buf.put_u16(n);
+        for m in updates {
+            put_member(&mut buf, m);
         }
     }
-    Some((header, updates))
+    buf.extend_from_slice(&pkt.tail);
+    Ok(buf)
+}
+
+/// The member updates a foca packet carries after its header, for inspection (the engine uses
+/// [`decode_foca`]).
+/// Returns the sender and the updates; `None` when the packet is malformed (foca will then
+/// reject it too).
+pub fn peek_foca(p: &[u8]) -> Option<(Header<NodeId>, Vec<Member<NodeId>>)> {
+    let pkt = decode_foca(p).ok()?;
+    Some((pkt.header, pkt.updates.unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -653,6 +697,39 @@ mod tests {
         let (kind, p) = split_header(&data, tag).unwrap();
         assert_eq!(kind, Kind::Suspect);
         assert_eq!(decode_suspect(p).unwrap(), sus);
+    }
+
+    #[test]
+    fn foca_packets_round_trip_through_decode_and_encode() {
+        let tag = cluster_tag("default", "all");
+        let pkt = FocaPacket {
+            header: Header {
+                src: id(1, false),
+                src_incarnation: 2,
+                dst: id(2, true),
+                message: Message::Gossip,
+            },
+            updates: Some(vec![
+                Member::new(id(3, false), 4, State::Down),
+                Member::alive(id(4, true)),
+            ]),
+            tail: Vec::new(),
+        };
+        let data = encode_foca(tag, &pkt).unwrap();
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::Foca);
+        assert_eq!(decode_foca(p).unwrap(), pkt);
+        // The engine's older reader sees the same header and updates.
+        let (h, ups) = peek_foca(p).unwrap();
+        assert_eq!(h, pkt.header);
+        assert_eq!(Some(ups), pkt.updates);
+        // A cut member and an update count the bytes cannot hold are refused.
+        assert!(decode_foca(&p[..p.len() - 1]).is_err());
+        let mut head = Vec::new();
+        Codec.encode_header(&pkt.header, &mut head).unwrap();
+        let mut lie = p.to_vec();
+        lie[head.len()..head.len() + 2].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(decode_foca(&lie).is_err());
     }
 
     #[test]

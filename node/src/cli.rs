@@ -164,6 +164,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// `--min_cluster_size`: at least 1 (this node), at most the largest cluster supported.
+fn parse_min_cluster_size(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of members such as 3"))?;
+    if !(1..=10_000).contains(&n) {
+        return Err(format!(
+            "`{s}` must be between 1 (this node alone) and 10000 members"
+        ));
+    }
+    Ok(n)
+}
+
 /// Every setting of a node. Each flag can also come from `NODE_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct Flags {
@@ -207,6 +221,11 @@ pub struct Flags {
     /// How often discovery runs again after start-up (e.g. 10s, 500ms, 2m).
     #[arg(long = "discovery_refresh", env = "NODE_DISCOVERY_REFRESH", default_value = "10s", value_parser = parse_duration, global = true)]
     pub discovery_refresh: Duration,
+
+    /// Start-up gate: /readyz and systemd's READY wait until the all-instances cluster holds
+    /// this many members (this node included); 1 means ready once discovery has answered.
+    #[arg(long = "min_cluster_size", env = "NODE_MIN_CLUSTER_SIZE", default_value = "1", value_parser = parse_min_cluster_size, global = true)]
+    pub min_cluster_size: usize,
 
     /// File of base64 cluster keys, one per line: the first seals, all open; re-read on SIGHUP.
     /// Without it, cluster traffic is neither authenticated nor encrypted.
@@ -300,5 +319,12 @@ mod tests {
         assert!(e.contains("ms, s or m"), "{e}");
         let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
         assert!(e.contains("gcp") && e.contains("static"), "{e}");
+        for bad in ["0", "-1", "three", "10001"] {
+            let e = parse(&["--min_cluster_size", bad]).unwrap_err().to_string();
+            assert!(e.contains("--min_cluster_size"), "{bad}: {e}");
+        }
+        assert_eq!(parse(&[]).unwrap().flags.min_cluster_size, 1);
+        let c = parse(&["--min_cluster_size", "3"]).unwrap();
+        assert_eq!(c.flags.min_cluster_size, 3);
     }
 }

@@ -1,23 +1,41 @@
 //! Runs one membership engine on real sockets: UDP for gossip, TCP for syncs and big lists.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use discovery::{Candidate, Snapshot};
 use keyring::Sealer;
-use membership::{Engine, MemberList, NodeId, Output, Stats};
+use membership::{Engine, MemberList, NodeId, Output, Stats, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-/// The largest stream frame accepted: a sync of about 80 000 members.
-const MAX_FRAME: usize = 4 << 20;
 /// Streams being sent at once; more are dropped, and the pull path recovers.
 const MAX_OUTGOING_STREAMS: usize = 64;
 /// Streams being read at once; more connections are closed at once.
 const MAX_INCOMING_STREAMS: usize = 128;
+/// Of the read slots, those only known peers (members in the view, discovered candidates) may
+/// use, so strangers holding every other slot cannot stop syncs between members.
+const RESERVED_STREAMS: usize = 32;
+/// Read slots one unknown source (an IPv4 address, an IPv6 /64) may hold at once.
+const STREAMS_PER_SOURCE: usize = 4;
+/// Read slots one known peer IP may hold at once; several nodes may share an address.
+const STREAMS_PER_PEER_IP: usize = 16;
+/// How long a new connection has to deliver its stream head (authenticated when a key is set).
+const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+/// How long the body may take once the head was accepted.
+const BODY_DEADLINE: Duration = Duration::from_secs(4);
+/// The body buffer's first capacity; it grows only as bytes arrive.
+const BODY_INITIAL_CAPACITY: usize = 16 * 1024;
+/// The stream head's plaintext starts with this: a magic that differs from the envelope's (so a
+/// head never decodes as a message, nor a message as a head) and the head's format version.
+const HEAD_MAGIC: [u8; 3] = [0xC5, 0x1B, 1];
+/// The head's plaintext: the magic and the body length (u32, big-endian).
+const HEAD_PLAIN_LEN: usize = HEAD_MAGIC.len() + 4;
+/// An encoded member in a sync: its identity, incarnation (u16) and state (u8).
+const MEMBER_LEN: usize = wire::MAX_ID_LEN + 2 + 1;
 /// New streams (syncs, the join path) one source IP may open in a burst.
 const STREAM_BURST: f64 = 20.0;
 /// New streams per second one source IP may open once its burst is spent.
@@ -26,6 +44,14 @@ const STREAM_RATE: f64 = 10.0;
 const MAX_TRACKED_SOURCES: usize = 4096;
 /// The shortest pause between two warnings about dropped packets.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The largest stream body a legal message needs: a sync or a list of `max_members` members
+/// of the largest encoding (IPv6), plus the sealing when `sealed`.
+pub fn max_stream_body(max_members: usize, sealed: bool) -> usize {
+    let sync = wire::HEADER_LEN + wire::MAX_ID_LEN + 4 + max_members * MEMBER_LEN;
+    let list = wire::HEADER_LEN + 8 + 16 + 4 + max_members * wire::MAX_ID_LEN;
+    sync.max(list) + if sealed { keyring::OVERHEAD } else { 0 }
+}
 
 /// How a cluster's traffic is protected: every datagram and stream frame is sealed with the
 /// cluster key, bound to the cluster name and logical cluster by `aad`.
@@ -119,6 +145,131 @@ impl StreamRate {
     }
 }
 
+/// The key a source's share of read slots is counted under: the IPv4 address, or the /64 of an
+/// IPv6 address (one host usually holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
+/// How the read slots of incoming streams are shared.
+#[derive(Debug, Clone, Copy)]
+struct SlotLimits {
+    /// Slots in all.
+    total: usize,
+    /// Of those, slots only known peers may take once the others are held.
+    reserved: usize,
+    /// Slots one unknown source may hold.
+    per_source: usize,
+    /// Slots one known peer IP may hold.
+    per_peer_ip: usize,
+}
+
+impl Default for SlotLimits {
+    fn default() -> Self {
+        Self {
+            total: MAX_INCOMING_STREAMS,
+            reserved: RESERVED_STREAMS,
+            per_source: STREAMS_PER_SOURCE,
+            per_peer_ip: STREAMS_PER_PEER_IP,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    general: usize,
+    reserved: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// The read slots of incoming streams: a fair share per source, and a reserve that only known
+/// peers can use. The table holds only sources with a slot, so it is bounded by `total`.
+#[derive(Debug)]
+struct Slots {
+    limits: SlotLimits,
+    state: Mutex<SlotState>,
+}
+
+/// One held read slot, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    slots: Arc<Slots>,
+    source: IpAddr,
+    reserved: bool,
+}
+
+impl Slots {
+    fn new(limits: SlotLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            state: Mutex::new(SlotState::default()),
+        })
+    }
+
+    /// Takes a slot for a stream from `ip`, or says why not (the drop counter's reason).
+    fn acquire(slots: &Arc<Self>, ip: IpAddr, known: bool) -> Result<Slot, &'static str> {
+        let l = slots.limits;
+        let source = source_key(ip);
+        let mut s = slots.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held = s.by_source.get(&source).copied().unwrap_or(0);
+        if held >= if known { l.per_peer_ip } else { l.per_source } {
+            return Err("busy_source");
+        }
+        let reserved = if s.general < l.total - l.reserved {
+            s.general += 1;
+            false
+        } else if known && s.reserved < l.reserved {
+            s.reserved += 1;
+            true
+        } else {
+            return Err("busy");
+        };
+        *s.by_source.entry(source).or_default() += 1;
+        Ok(Slot {
+            slots: slots.clone(),
+            source,
+            reserved,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.reserved {
+            s.reserved -= 1;
+        } else {
+            s.general -= 1;
+        }
+        if let Some(n) = s.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// The IPs of known peers (members in the view and discovered candidates), shared with the
+/// accept loop so it can keep reserved read slots for them.
+pub type KnownPeers = Arc<HashSet<IpAddr>>;
+
+/// Aborts a task when dropped, so a cancelled cluster task does not leave its accept loop behind.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the HTTP API shows of one cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterView {
@@ -165,6 +316,8 @@ pub struct ClusterSpec {
     pub protection: Option<Protection>,
     /// The largest datagram accepted from the network, sealing included.
     pub max_datagram: usize,
+    /// The engine's `max_members`: it sizes the largest stream frame accepted.
+    pub max_members: usize,
 }
 
 /// Starts the cluster task; it returns after a graceful leave.
@@ -193,8 +346,12 @@ async fn run(spec: ClusterSpec, view: SharedView) {
         mut shutdown,
         protection,
         max_datagram,
+        max_members,
     } = spec;
     let udp = Arc::new(udp);
+    let max_body = max_stream_body(max_members, protection.is_some());
+    // Streams leave from the gossip address, so peers recognise this member by its source IP.
+    let bind_ip = engine.me().addr.ip();
     let start = Instant::now();
     let drops: SharedDrops = Arc::new(Mutex::new(Drops {
         cluster: name,
@@ -203,18 +360,34 @@ async fn run(spec: ClusterSpec, view: SharedView) {
         since_warn: 0,
     }));
     let (stream_tx, mut stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
-    let accept = tokio::spawn(accept_loop(
+    let (known_tx, known_rx) = watch::channel(KnownPeers::default());
+    let _accept = AbortOnDrop(tokio::spawn(accept_loop(
         tcp,
         stream_tx,
-        protection.clone(),
-        drops.clone(),
-    ));
-    let out_permits = Arc::new(Semaphore::new(MAX_OUTGOING_STREAMS));
+        Incoming {
+            protection: protection.clone(),
+            drops: drops.clone(),
+            known: known_rx,
+            max_body,
+            limits: SlotLimits::default(),
+            head_deadline: HEAD_DEADLINE,
+        },
+    )));
+    let out = Outgoing {
+        permits: Arc::new(Semaphore::new(MAX_OUTGOING_STREAMS)),
+        name,
+        protection: protection.clone(),
+        bind_ip,
+        max_body,
+    };
     let mut buf = vec![0u8; 65536];
     let mut candidates_open = true;
-    set_candidates(&mut engine, &candidates.borrow_and_update(), map, start);
+    let mut candidate_ips =
+        set_candidates(&mut engine, &candidates.borrow_and_update(), map, start);
     publish(&mut engine, &view, size_tx.as_ref(), &drops);
+    update_known(&known_tx, engine.list(), &candidate_ips);
     loop {
+        let mut candidates_changed = false;
         let deadline = start + engine.next_deadline();
         tokio::select! {
             r = udp.recv_from(&mut buf) => match r {
@@ -231,36 +404,60 @@ async fn run(spec: ClusterSpec, view: SharedView) {
             r = candidates.changed(), if candidates_open => match r {
                 Ok(()) => {
                     let snap = candidates.borrow_and_update().clone();
-                    set_candidates(&mut engine, &snap, map, start);
+                    candidate_ips = set_candidates(&mut engine, &snap, map, start);
+                    candidates_changed = true;
                 }
                 Err(_) => candidates_open = false,
             },
             _ = tokio::time::sleep_until(deadline.into()) => engine.tick(start.elapsed()),
             _ = shutdown.changed() => {
                 engine.leave(start.elapsed());
-                send_outputs(&mut engine, &udp, &out_permits, name, protection.as_ref()).await;
+                send_outputs(&mut engine, &udp, &out).await;
                 // Give the leave datagrams a moment to leave the host.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 break;
             }
         }
-        send_outputs(&mut engine, &udp, &out_permits, name, protection.as_ref()).await;
-        publish(&mut engine, &view, size_tx.as_ref(), &drops);
+        send_outputs(&mut engine, &udp, &out).await;
+        if publish(&mut engine, &view, size_tx.as_ref(), &drops) || candidates_changed {
+            update_known(&known_tx, engine.list(), &candidate_ips);
+        }
     }
-    accept.abort();
 }
 
-fn set_candidates(engine: &mut Engine, snap: &Snapshot, map: CandidateMap, start: Instant) {
+/// Hands the candidates to the engine and returns their IPs.
+fn set_candidates(
+    engine: &mut Engine,
+    snap: &Snapshot,
+    map: CandidateMap,
+    start: Instant,
+) -> HashSet<IpAddr> {
     let addrs: Vec<SocketAddr> = snap.candidates.iter().filter_map(map).collect();
+    let ips = addrs.iter().map(SocketAddr::ip).collect();
     engine.set_candidates(addrs, start.elapsed());
+    ips
 }
 
+/// Shares the IPs of the members in the list and of the candidates with the accept loop.
+fn update_known(tx: &watch::Sender<KnownPeers>, list: &MemberList, candidates: &HashSet<IpAddr>) {
+    let mut ips = candidates.clone();
+    ips.extend(list.members.iter().map(|m| m.addr.ip()));
+    tx.send_if_modified(|known| {
+        if **known == ips {
+            return false;
+        }
+        *known = Arc::new(ips);
+        true
+    });
+}
+
+/// Logs and shares the lists adopted since the last call; returns whether there was one.
 fn publish(
     engine: &mut Engine,
     view: &SharedView,
     size_tx: Option<&watch::Sender<usize>>,
     drops: &SharedDrops,
-) {
+) -> bool {
     let changes = engine.drain_changes();
     let me = engine.me().uuid;
     for list in &changes {
@@ -287,41 +484,49 @@ fn publish(
             tx.send_replace(last.members.len());
         }
     }
+    !changes.is_empty()
 }
 
-async fn send_outputs(
-    engine: &mut Engine,
-    udp: &Arc<UdpSocket>,
-    permits: &Arc<Semaphore>,
+/// What sending streams needs.
+#[derive(Debug)]
+struct Outgoing {
+    permits: Arc<Semaphore>,
     name: &'static str,
-    protection: Option<&Protection>,
-) {
+    protection: Option<Protection>,
+    bind_ip: IpAddr,
+    max_body: usize,
+}
+
+async fn send_outputs(engine: &mut Engine, udp: &Arc<UdpSocket>, out: &Outgoing) {
     for o in engine.drain_outputs() {
-        let o = match (o, protection) {
-            (o, None) => o,
-            (Output::Datagram { to, data }, Some(p)) => Output::Datagram {
-                to,
-                data: p.seal(&data),
-            },
-            (Output::Stream { to, data }, Some(p)) => Output::Stream {
-                to,
-                data: p.seal(&data),
-            },
-        };
         match o {
             Output::Datagram { to, data } => {
+                let data = match &out.protection {
+                    Some(p) => p.seal(&data),
+                    None => data,
+                };
                 if let Err(e) = udp.send_to(&data, to).await {
-                    tracing::debug!(cluster = name, %to, "udp send: {e}");
+                    tracing::debug!(cluster = out.name, %to, "udp send: {e}");
                 }
             }
             Output::Stream { to, data } => {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::debug!(cluster = name, %to, "too many streams in flight; dropped one");
+                let Some(bytes) = frame(out.protection.as_ref(), &data, out.max_body) else {
+                    tracing::debug!(
+                        cluster = out.name,
+                        %to,
+                        len = data.len(),
+                        "stream frame larger than any peer accepts; dropped"
+                    );
                     continue;
                 };
+                let Ok(permit) = out.permits.clone().try_acquire_owned() else {
+                    tracing::debug!(cluster = out.name, %to, "too many streams in flight; dropped one");
+                    continue;
+                };
+                let bind_ip = out.bind_ip;
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = send_stream(to, &data).await {
+                    if let Err(e) = send_stream(Some(bind_ip), to, &bytes).await {
                         tracing::debug!(%to, "stream send: {e}");
                     }
                 });
@@ -330,77 +535,149 @@ async fn send_outputs(
     }
 }
 
-async fn send_stream(to: SocketAddr, data: &[u8]) -> std::io::Result<()> {
-    let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(to))
+/// Frames a message for a stream: `head_len (u8) | head | body`. The head is the magic and the
+/// body length; with a key, head and body are sealed separately, so a receiver authenticates
+/// the small head before it reads (or buffers) the body. `None` when the body would exceed
+/// `max_body`, which every receiver refuses.
+fn frame(p: Option<&Protection>, data: &[u8], max_body: usize) -> Option<Vec<u8>> {
+    let body = match p {
+        Some(p) => p.seal(data),
+        None => data.to_vec(),
+    };
+    if body.len() > max_body {
+        return None;
+    }
+    let mut head = Vec::with_capacity(HEAD_PLAIN_LEN);
+    head.extend_from_slice(&HEAD_MAGIC);
+    head.extend_from_slice(&u32::try_from(body.len()).ok()?.to_be_bytes());
+    let head = match p {
+        Some(p) => p.seal(&head),
+        None => head,
+    };
+    let mut out = Vec::with_capacity(1 + head.len() + body.len());
+    out.push(u8::try_from(head.len()).ok()?);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+/// Connects to `to` (from `bind_ip` when given) and writes one framed stream.
+async fn send_stream(bind_ip: Option<IpAddr>, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+    let sock = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = bind_ip.filter(|ip| ip.is_ipv4() == to.is_ipv4() && !ip.is_unspecified()) {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let mut s = tokio::time::timeout(Duration::from_secs(1), sock.connect(to))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    let len = u32::try_from(data.len())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too big"))?;
-    tokio::time::timeout(Duration::from_secs(5), async {
-        s.write_all(&len.to_be_bytes()).await?;
-        s.write_all(data).await?;
+    tokio::time::timeout(HEAD_DEADLINE + BODY_DEADLINE, async {
+        s.write_all(bytes).await?;
         s.shutdown().await
     })
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))?
 }
 
-async fn accept_loop(
-    tcp: TcpListener,
-    tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+/// What the accept loop needs besides its listener and the engine's channel.
+#[derive(Debug)]
+struct Incoming {
     protection: Option<Protection>,
     drops: SharedDrops,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_INCOMING_STREAMS));
+    known: watch::Receiver<KnownPeers>,
+    max_body: usize,
+    limits: SlotLimits,
+    /// [`HEAD_DEADLINE`], except in tests that need slots held longer.
+    head_deadline: Duration,
+}
+
+/// Accepts streams: a per-source rate, a fair share of read slots per source and a reserve for
+/// known peers decide which are read; each must deliver its head within [`HEAD_DEADLINE`] and
+/// its body within [`BODY_DEADLINE`] more. Every refusal is counted in the drop counters.
+async fn accept_loop(tcp: TcpListener, tx: mpsc::Sender<(SocketAddr, Vec<u8>)>, inc: Incoming) {
+    let slots = Slots::new(inc.limits);
     let mut rate = StreamRate::default();
     loop {
-        let Ok((mut sock, from)) = tcp.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (mut sock, from) = match tcp.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Usually out of file descriptors: let other tasks close some.
+                tracing::debug!("stream accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         if !rate.allow(from.ip(), Instant::now()) {
-            drop_packet(&drops, "rate_limited", from);
+            drop_packet(&inc.drops, "rate_limited", from);
             continue;
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            drop_packet(&drops, "busy", from);
-            continue;
+        let known = inc.known.borrow().contains(&from.ip());
+        let slot = match Slots::acquire(&slots, from.ip(), known) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                drop_packet(&inc.drops, reason, from);
+                continue;
+            }
         };
         let tx = tx.clone();
-        let protection = protection.clone();
-        let drops = drops.clone();
+        let protection = inc.protection.clone();
+        let drops = inc.drops.clone();
+        let (max_body, head_deadline) = (inc.max_body, inc.head_deadline);
         tokio::spawn(async move {
-            let _permit = permit;
-            let read = async {
-                let mut len = [0u8; 4];
-                sock.read_exact(&mut len).await?;
-                let len = u32::from_be_bytes(len) as usize;
-                if len > MAX_FRAME {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "frame too big",
-                    ));
-                }
-                let mut data = vec![0u8; len];
-                sock.read_exact(&mut data).await?;
-                Ok::<_, std::io::Error>(data)
-            };
-            match tokio::time::timeout(Duration::from_secs(5), read).await {
-                Ok(Ok(data)) => match open(protection.as_ref(), &data) {
-                    Ok(plain) => {
-                        if tx.try_send((from, plain.into_owned())).is_err() {
-                            drop_packet(&drops, "busy", from);
-                        }
+            let _slot = slot;
+            match read_stream(&mut sock, protection.as_ref(), max_body, head_deadline).await {
+                Ok(plain) => {
+                    if tx.try_send((from, plain)).is_err() {
+                        drop_packet(&drops, "busy", from);
                     }
-                    Err(reason) => drop_packet(&drops, reason, from),
-                },
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    drop_packet(&drops, "oversized", from);
                 }
-                Ok(Err(e)) => tracing::debug!(%from, "stream receive: {e}"),
-                Err(_) => tracing::debug!(%from, "stream receive timed out"),
+                Err(reason) => drop_packet(&drops, reason, from),
             }
         });
+    }
+}
+
+/// Reads one framed stream and returns the opened message, or the reason it was refused. The
+/// head must arrive within `head_deadline` and open (authenticate) before the body is read;
+/// the body buffer grows only as bytes arrive, up to `max_body`.
+async fn read_stream(
+    sock: &mut TcpStream,
+    p: Option<&Protection>,
+    max_body: usize,
+    head_deadline: Duration,
+) -> Result<Vec<u8>, &'static str> {
+    let mut head = [0u8; u8::MAX as usize];
+    let read_head = async {
+        let n = usize::from(sock.read_u8().await?);
+        sock.read_exact(&mut head[..n]).await?;
+        Ok::<_, std::io::Error>(n)
+    };
+    let n = match tokio::time::timeout(head_deadline, read_head).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => return Err("stream_truncated"),
+        Err(_) => return Err("stream_timeout"),
+    };
+    let plain = open(p, &head[..n])?;
+    if plain.len() != HEAD_PLAIN_LEN || plain[..HEAD_MAGIC.len()] != HEAD_MAGIC {
+        return Err("malformed");
+    }
+    let len = u32::from_be_bytes(plain[HEAD_MAGIC.len()..].try_into().expect("4 bytes")) as usize;
+    if len > max_body {
+        return Err("oversized");
+    }
+    let mut body = Vec::with_capacity(len.min(BODY_INITIAL_CAPACITY));
+    let mut limited = (&mut *sock).take(len as u64);
+    match tokio::time::timeout(BODY_DEADLINE, limited.read_to_end(&mut body)).await {
+        Ok(Ok(_)) if body.len() == len => {}
+        Ok(_) => return Err("stream_truncated"),
+        Err(_) => return Err("stream_timeout"),
+    }
+    match p {
+        None => Ok(body),
+        Some(_) => Ok(open(p, &body)?.into_owned()),
     }
 }
 
@@ -432,5 +709,336 @@ mod tests {
         assert!(r.buckets.len() <= MAX_TRACKED_SOURCES);
         // Once the buckets refill, the idle sources are forgotten and new ones are served.
         assert!(r.allow("127.255.0.1".parse().unwrap(), t0 + Duration::from_secs(5)));
+    }
+
+    const K1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const K2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+    fn protection(key: &str) -> Protection {
+        let ring = keyring::Keyring::parse(key, "test").unwrap();
+        Protection {
+            sealer: Arc::new(Sealer::new(ring, keyring::SealerConfig::default())),
+            aad: keyring::aad("stream-test", "all"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// An accept loop on a loopback listener, stopped when dropped.
+    struct Loop {
+        addr: SocketAddr,
+        rx: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        drops: SharedDrops,
+        _task: AbortOnDrop,
+    }
+
+    impl Loop {
+        async fn start(at: &str, protection: Option<Protection>, known: &[&str]) -> Self {
+            Self::start_with(at, protection, known, HEAD_DEADLINE).await
+        }
+
+        async fn start_with(
+            at: &str,
+            protection: Option<Protection>,
+            known: &[&str],
+            head_deadline: Duration,
+        ) -> Self {
+            let tcp = TcpListener::bind((ip(at), 0)).await.unwrap();
+            let addr = tcp.local_addr().unwrap();
+            let drops: SharedDrops = Arc::new(Mutex::new(Drops {
+                cluster: "all",
+                counts: BTreeMap::new(),
+                last_warn: None,
+                since_warn: 0,
+            }));
+            let (tx, rx) = mpsc::channel(16);
+            let known: KnownPeers = Arc::new(known.iter().map(|s| ip(s)).collect());
+            let inc = Incoming {
+                max_body: max_stream_body(100, protection.is_some()),
+                protection,
+                drops: drops.clone(),
+                known: watch::channel(known).1,
+                limits: SlotLimits::default(),
+                head_deadline,
+            };
+            let task = AbortOnDrop(tokio::spawn(accept_loop(tcp, tx, inc)));
+            Self {
+                addr,
+                rx,
+                drops,
+                _task: task,
+            }
+        }
+
+        fn dropped(&self, reason: &str) -> u64 {
+            let d = self.drops.lock().unwrap();
+            d.counts.get(reason).copied().unwrap_or(0)
+        }
+
+        /// Waits up to `within` for `dropped(reason)` to reach `n`.
+        async fn wait_dropped(&self, reason: &str, n: u64, within: Duration) -> bool {
+            let end = Instant::now() + within;
+            while Instant::now() < end {
+                if self.dropped(reason) >= n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            self.dropped(reason) >= n
+        }
+
+        /// The next stream handed to the engine within `within`.
+        async fn next(&mut self, within: Duration) -> Option<(SocketAddr, Vec<u8>)> {
+            tokio::time::timeout(within, self.rx.recv()).await.ok()?
+        }
+    }
+
+    async fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(ip(src), 0)).unwrap();
+        sock.connect(to).await.unwrap()
+    }
+
+    /// How long until the server closes `s` (read returns end of file or an error).
+    async fn time_to_close(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        let mut b = [0u8; 16];
+        match tokio::time::timeout(limit, s.read(&mut b)).await {
+            Ok(Ok(0) | Err(_)) => Some(t0.elapsed()),
+            Ok(Ok(_)) => panic!("the server never writes on a stream"),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_whole_with_and_without_a_key() {
+        for p in [None, Some(protection(K1))] {
+            let mut l = Loop::start("127.0.4.1", p.clone(), &[]).await;
+            let msg: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+            let bytes = frame(p.as_ref(), &msg, max_stream_body(100, p.is_some())).unwrap();
+            send_stream(Some(ip("127.0.4.2")), l.addr, &bytes)
+                .await
+                .unwrap();
+            let (from, got) = l.next(Duration::from_secs(2)).await.expect("delivered");
+            assert_eq!(from.ip(), ip("127.0.4.2"), "sent from the bound address");
+            assert_eq!(got, msg);
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connections_from_one_source_do_not_stop_a_members_sync() {
+        let p = protection(K1);
+        let mut l = Loop::start("127.0.4.11", Some(p.clone()), &["127.0.4.13"]).await;
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(connect_from("127.0.4.12", l.addr).await);
+        }
+        // Every one beyond the source's share is refused at once.
+        assert!(
+            l.wait_dropped("busy_source", 1, Duration::from_millis(500))
+                .await
+        );
+        let t0 = Instant::now();
+        let bytes = frame(Some(&p), b"sync", max_stream_body(100, true)).unwrap();
+        send_stream(Some(ip("127.0.4.13")), l.addr, &bytes)
+            .await
+            .unwrap();
+        let (from, got) = l
+            .next(Duration::from_millis(1500))
+            .await
+            .expect("the member's sync was accepted within 1.5 s");
+        assert!(t0.elapsed() < Duration::from_millis(1500));
+        assert_eq!(
+            (from.ip(), got.as_slice()),
+            (ip("127.0.4.13"), &b"sync"[..])
+        );
+        let refused = l.dropped("busy_source") + l.dropped("rate_limited");
+        assert!(refused >= 150, "{refused} of 200 refused at once");
+        // Strangers also still get their share: another source is read.
+        let bytes = frame(Some(&p), b"join", max_stream_body(100, true)).unwrap();
+        send_stream(Some(ip("127.0.4.14")), l.addr, &bytes)
+            .await
+            .unwrap();
+        assert!(l.next(Duration::from_millis(1500)).await.is_some());
+        drop(idle);
+    }
+
+    #[tokio::test]
+    async fn known_peers_keep_reserved_slots_when_strangers_hold_the_rest() {
+        let p = protection(K1);
+        // Idle connections hold their slots for 10 s here, so a slow machine cannot pass the
+        // test by letting them expire first.
+        let mut l = Loop::start_with(
+            "127.0.4.21",
+            Some(p.clone()),
+            &["127.0.4.22"],
+            Duration::from_secs(10),
+        )
+        .await;
+        // 40 sources with 4 idle connections each: more than every slot outside the reserve.
+        let mut idle = Vec::new();
+        for i in 0..40 {
+            let src = format!("127.0.5.{}", i + 1);
+            for _ in 0..STREAMS_PER_SOURCE {
+                idle.push(connect_from(&src, l.addr).await);
+            }
+        }
+        let over = (40 * STREAMS_PER_SOURCE - (MAX_INCOMING_STREAMS - RESERVED_STREAMS)) as u64;
+        assert!(
+            l.wait_dropped("busy", over, Duration::from_secs(5)).await,
+            "{:?}",
+            l.drops.lock().unwrap().counts
+        );
+        // A newcomer finds no slot and is closed at once ...
+        let mut stranger = connect_from("127.0.5.200", l.addr).await;
+        let closed = time_to_close(&mut stranger, Duration::from_millis(500)).await;
+        assert!(closed.is_some(), "a stranger was given a reserved slot");
+        // ... while a member in the view is read from the reserve.
+        let bytes = frame(Some(&p), b"sync", max_stream_body(100, true)).unwrap();
+        send_stream(Some(ip("127.0.4.22")), l.addr, &bytes)
+            .await
+            .unwrap();
+        let (from, _) = l
+            .next(Duration::from_millis(500))
+            .await
+            .expect("the member was read");
+        assert_eq!(from.ip(), ip("127.0.4.22"));
+        drop(idle);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_about_a_second() {
+        let l = Loop::start("127.0.4.31", Some(protection(K1)), &[]).await;
+        let mut s = connect_from("127.0.4.32", l.addr).await;
+        // Half a head does not buy more time.
+        s.write_all(&[56, 1, 2, 3]).await.unwrap();
+        let t = time_to_close(&mut s, Duration::from_secs(3))
+            .await
+            .expect("closed");
+        assert!(
+            t >= Duration::from_millis(900) && t < Duration::from_millis(1600),
+            "closed after {t:?}"
+        );
+        assert!(
+            l.wait_dropped("stream_timeout", 1, Duration::from_millis(200))
+                .await
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forged_or_oversized_head_is_refused_before_any_body_is_read() {
+        let p = protection(K1);
+        let l = Loop::start("127.0.4.41", Some(p.clone()), &[]).await;
+        let max = max_stream_body(100, true);
+        let head = |p: &Protection, len: usize| {
+            let mut plain = HEAD_MAGIC.to_vec();
+            plain.extend_from_slice(&(len as u32).to_be_bytes());
+            let sealed = p.seal(&plain);
+            let mut out = vec![sealed.len() as u8];
+            out.extend_from_slice(&sealed);
+            out
+        };
+        // Another key, claiming the largest legal body: refused without waiting for it.
+        let mut s = connect_from("127.0.4.42", l.addr).await;
+        s.write_all(&head(&protection(K2), max)).await.unwrap();
+        let t = time_to_close(&mut s, Duration::from_millis(500)).await;
+        assert!(t.is_some(), "a forged head held the connection");
+        assert!(
+            l.wait_dropped("auth_failed", 1, Duration::from_millis(200))
+                .await
+        );
+        // The right key, one byte over the largest legal message.
+        let mut s = connect_from("127.0.4.42", l.addr).await;
+        s.write_all(&head(&p, max + 1)).await.unwrap();
+        let t = time_to_close(&mut s, Duration::from_millis(500)).await;
+        assert!(t.is_some(), "an oversized head held the connection");
+        assert!(
+            l.wait_dropped("oversized", 1, Duration::from_millis(200))
+                .await
+        );
+    }
+
+    #[test]
+    fn the_frame_limit_is_the_largest_legal_sync_or_list() {
+        let n = 50;
+        let id = |i: u16| {
+            NodeId::new(
+                SocketAddr::new(ip("fd00::1"), 10_000 + i),
+                uuid::Uuid::from_u128(u128::from(i)),
+                1,
+                membership::Role::Scheduler,
+            )
+        };
+        let members: Vec<foca::Member<NodeId>> = (0..n)
+            .map(|i| foca::Member::new(id(i as u16), 7, foca::State::Alive))
+            .collect();
+        let sync = wire::encode_sync(
+            1,
+            wire::Kind::SyncResponse,
+            &wire::SyncMsg {
+                from: id(999),
+                members,
+            },
+        );
+        let list = wire::encode_list(
+            1,
+            &wire::ListMsg {
+                ver: 1,
+                coordinator: uuid::Uuid::nil(),
+                members: (0..n).map(|i| id(i as u16)).collect(),
+            },
+        );
+        assert_eq!(sync.len(), max_stream_body(n, false));
+        assert!(list.len() <= max_stream_body(n, false));
+        let p = protection(K1);
+        assert!(frame(Some(&p), &sync, max_stream_body(n, true)).is_some());
+        assert!(frame(Some(&p), &sync, max_stream_body(n - 1, true)).is_none());
+        // The engine's default of 10 000 members needs well under the old flat 4 MiB.
+        let lan = max_stream_body(membership::Config::lan().max_members, true);
+        assert!(lan < 600 * 1024, "{lan}");
+    }
+
+    #[test]
+    fn slots_are_shared_per_source_and_the_reserve_is_for_known_peers() {
+        let slots = Slots::new(SlotLimits {
+            total: 6,
+            reserved: 2,
+            per_source: 2,
+            per_peer_ip: 3,
+        });
+        let take = |s: &str, known| Slots::acquire(&slots, ip(s), known);
+        let a1 = take("10.0.0.1", false).unwrap();
+        let _a2 = take("10.0.0.1", false).unwrap();
+        assert_eq!(take("10.0.0.1", false).unwrap_err(), "busy_source");
+        let _b1 = take("10.0.0.2", false).unwrap();
+        let _b2 = take("10.0.0.2", false).unwrap();
+        // The four general slots are held: strangers wait, known peers use the reserve.
+        assert_eq!(take("10.0.0.3", false).unwrap_err(), "busy");
+        let m1 = take("10.0.0.9", true).unwrap();
+        assert!(m1.reserved);
+        let _m2 = take("10.0.0.9", true).unwrap();
+        assert_eq!(take("10.0.0.8", true).unwrap_err(), "busy");
+        // A released slot is free again, and the per-source count goes with it.
+        drop(a1);
+        assert!(!take("10.0.0.1", false).unwrap().reserved);
+        drop(m1);
+        let state = slots.state.lock().unwrap();
+        assert_eq!((state.general, state.reserved), (3, 1));
+        assert_eq!(state.by_source.len(), 3);
+    }
+
+    #[test]
+    fn an_ipv6_source_is_counted_by_its_64() {
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:aaaa::1")),
+            source_key(ip("2001:db8:1:2:bbbb::7"))
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:2::1")),
+            source_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(source_key(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
     }
 }

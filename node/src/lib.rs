@@ -19,6 +19,7 @@ pub mod addr;
 pub mod backends;
 pub mod cli;
 pub mod cluster;
+pub mod gate;
 pub mod http;
 pub mod logging;
 pub mod members;
@@ -152,12 +153,43 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads `--cluster_key_file`, when set, and warns about loose permissions. Without a key,
-/// warns once that cluster traffic is unauthenticated.
+/// The systemd credential the packaged units load from `/etc/cluster-node/key`.
+pub const KEY_CREDENTIAL: &str = "cluster-key";
+
+/// The key file to use: `--cluster_key_file`, else the `cluster-key` credential systemd passed
+/// in `$CREDENTIALS_DIRECTORY`, when it holds more than blank and `#` comment lines. The units
+/// default it to a comment (`SetCredential=`), so a host without `/etc/cluster-node/key` runs
+/// keyless instead of failing to start.
+pub fn key_path(flags: &Flags) -> Option<PathBuf> {
+    use std::io::Read as _;
+    if let Some(path) = &flags.cluster_key_file {
+        return Some(path.clone());
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let path = PathBuf::from(dir).join(KEY_CREDENTIAL);
+    // Bounded like the keyring's own read; the keyring reads it again and checks it fully.
+    // A credential that cannot be read as text goes to the keyring, which names the problem.
+    let mut file = std::fs::File::open(&path).ok()?;
+    let mut text = String::new();
+    if (&mut file)
+        .take(keyring::MAX_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .is_err()
+    {
+        return Some(path);
+    }
+    text.lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .then_some(path)
+}
+
+/// Reads the key file ([`key_path`]), when there is one: refuses a file others can write, warns
+/// about one they can read. Without a key, warns once that cluster traffic is unauthenticated.
 pub fn load_key(flags: &Flags) -> Result<Option<Arc<Sealer>>, NodeError> {
-    let Some(path) = &flags.cluster_key_file else {
+    let Some(path) = &key_path(flags) else {
         tracing::warn!(
-            "no --cluster_key_file: cluster traffic is unauthenticated and unencrypted, so \
+            "no --cluster_key_file (nor a cluster-key credential: /etc/cluster-node/key under \
+             the packaged units): cluster traffic is unauthenticated and unencrypted, so \
              anyone who reaches the gossip ports can join or forge deaths; create one with \
              `node keygen > FILE && chmod 600 FILE`"
         );
@@ -238,6 +270,7 @@ pub async fn members(
 
 /// Runs discovery once, for `node discover`.
 pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
+    backends::check_built(flags.discovery)?;
     let ip = private_ip(flags)?;
     let (_tx, rx) = watch::channel(1);
     let seal = load_key(flags)?.map(|s| s as Arc<dyn discovery::Seal>);
@@ -254,10 +287,11 @@ pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
 
 /// Runs the node until `shutdown` turns true, then leaves both clusters and returns.
 pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+    backends::check_built(flags.discovery)?;
     let ip = private_ip(&flags)?;
     let ports = Ports::new(flags.private_port, flags.public_port)?;
     let sealer = load_key(&flags)?;
-    reload_on_sighup(flags.cluster_key_file.clone(), sealer.clone())?;
+    reload_on_sighup(key_path(&flags), sealer.clone())?;
     let (mrole, _) = role(flags.role);
     let scheduler = flags.role == RoleArg::Scheduler;
     let uuid = Uuid::new_v4();
@@ -302,6 +336,7 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
 
     let (size_tx, size_rx) = watch::channel(1usize);
     let seal = sealer.clone().map(|s| s as Arc<dyn discovery::Seal>);
+    let gate_size = size_rx.clone();
     let backend = backend(&flags, ip, uuid, size_rx, seal)?;
     let (cand_tx, cand_rx) = watch::channel(Snapshot::default());
     let discovered = Arc::new(AtomicBool::new(false));
@@ -316,10 +351,19 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
             }
         });
     }
+    let gate = Arc::new(gate::Gate::new(flags.min_cluster_size, discovered));
+    let (gate_open_tx, gate_open_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(gate::run(
+        gate.clone(),
+        gate_size,
+        cand_rx.clone(),
+        gate_open_tx,
+    ));
 
     let mut cfg = membership::Config::lan();
     // Datagrams stay below 1400 bytes on the wire, sealing included: MTU-safe on IPv4 and IPv6.
     let max_datagram = cfg.max_datagram;
+    let max_members = cfg.max_members;
     if sealer.is_some() {
         cfg.max_datagram -= keyring::OVERHEAD;
     }
@@ -354,6 +398,7 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
             shutdown: shutdown.clone(),
             protection: protection("scheduler"),
             max_datagram,
+            max_members,
         });
         views.push(view);
         tasks.push(task);
@@ -377,11 +422,31 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         shutdown: shutdown.clone(),
         protection: protection("all"),
         max_datagram,
+        max_members,
     });
     views.push(view);
     tasks.push(task);
 
-    let (metrics, observer) = metrics::Metrics::new(views.clone());
+    // Each HTTP listener's connection cap is sized below the open-file limit.
+    let (fd_soft, fd_hard) = http::open_file_limits().unwrap_or((None, None));
+    let limits = http::Limits::for_fd_limit(fd_soft, if public.is_some() { 2 } else { 1 });
+    if limits.limited_by_fds() {
+        tracing::warn!(
+            soft = ?fd_soft,
+            hard = ?fd_hard,
+            max_connections = limits.max_connections,
+            "the open-file limit caps each HTTP listener's connections; raise it (systemd: \
+             LimitNOFILE=65536, shell: ulimit -n) for more headroom"
+        );
+    }
+    let internal_stats = http::ListenerStats::new("internal", &limits);
+    let public_stats = http::ListenerStats::new("public", &limits);
+    let (mut metrics, observer) = metrics::Metrics::new(views.clone());
+    let mut listener_stats = vec![internal_stats.clone()];
+    if public.is_some() {
+        listener_stats.push(public_stats.clone());
+    }
+    metrics.register_collector(Box::new(http::HttpCollector(listener_stats)));
     let refresh = Refresh {
         interval: flags.discovery_refresh,
         ..Refresh::default()
@@ -390,23 +455,17 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
 
     let state = http::ApiState {
         clusters: views,
-        discovered,
+        gate: gate.clone(),
         metrics: Arc::new(metrics),
     };
-    let private_app = http::private_router(state.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(api, private_app).await {
-            tracing::error!("internal API stopped: {e}");
-        }
-    });
-    if let Some(listener) = public {
-        let app = http::public_router(state);
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("public listener stopped: {e}");
-            }
-        });
-    }
+    let _internal = http::serve(
+        api,
+        http::private_router(state.clone()),
+        limits,
+        internal_stats,
+    );
+    let _public = public
+        .map(|listener| http::serve(listener, http::public_router(state), limits, public_stats));
     tracing::info!(
         role = %mrole,
         uuid = %uuid,
@@ -414,11 +473,24 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         private = %SocketAddr::new(ip, ports.private),
         "node started"
     );
-    // Every listener is bound and served: a Type=notify unit may now count the node as started.
-    notify::notify(&format!(
-        "READY=1\nSTATUS=listening on {}",
-        SocketAddr::new(ip, ports.private)
-    ));
+    // Every listener is bound and served: a Type=notify unit may now count the node as
+    // started, at once, or with `--min_cluster_size` once the cluster has that many members.
+    let listening = SocketAddr::new(ip, ports.private);
+    if flags.min_cluster_size <= 1 {
+        notify::notify(&format!("READY=1\nSTATUS=listening on {listening}"));
+    } else {
+        let min = flags.min_cluster_size;
+        notify::notify(&format!(
+            "STATUS=listening on {listening}; waiting for {min} members (--min_cluster_size)"
+        ));
+        tokio::spawn(async move {
+            if gate_open_rx.await.is_ok() {
+                notify::notify(&format!(
+                    "READY=1\nSTATUS=listening on {listening}; {min} members reached"
+                ));
+            }
+        });
+    }
 
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {

@@ -22,15 +22,18 @@ fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
+    // Names, labels and reasons come from the platform's API or the network: escaped, so none
+    // can forge a line or send a terminal escape sequence.
+    use discovery::escape_untrusted as esc;
     println!("candidates ({}):", report.candidates.len());
     for c in &report.candidates {
-        let id = c.id.as_deref().unwrap_or("-");
+        let id = esc(c.id.as_deref().unwrap_or("-"));
         let role = c.role.map(|r| r.to_string()).unwrap_or_default();
         println!("  {:<40} {id} {role}", format!("{}:{}", c.ip, c.port));
     }
     println!("excluded ({}):", report.excluded.len());
     for x in &report.excluded {
-        println!("  {:<40} {}", x.id, x.reason);
+        println!("  {:<40} {}", esc(&x.id), esc(&x.reason));
     }
     if report.candidates.is_empty() {
         eprintln!(
@@ -41,9 +44,6 @@ fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    // Both rustls providers are linked (ring for kube, aws-lc-rs for the Google SDK), so rustls
-    // cannot pick one by itself: install ring as the process default before any TLS client.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

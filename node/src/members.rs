@@ -15,8 +15,19 @@ use crate::NodeError;
 use crate::cli::ClusterArg;
 use crate::http::{ClusterJson, MembersJson};
 
-/// The largest answer read; a list of 10 000 members is about 2 MB.
+/// The largest body accepted; a list of 10 000 members is about 2 MB.
 const MAX_BODY: usize = 16 << 20;
+/// The largest answer read: the body, its header and chunk framing.
+const MAX_ANSWER: usize = MAX_BODY + 64 * 1024;
+/// The most hex digits a chunk size may have; `MAX_BODY` needs 7.
+const MAX_CHUNK_DIGITS: usize = 8;
+
+fn too_large() -> String {
+    format!(
+        "the answer is larger than {} MiB, more than any node sends: is another service listening on this port?",
+        MAX_BODY >> 20
+    )
+}
 
 fn unreachable(addr: SocketAddr, why: impl std::fmt::Display) -> NodeError {
     NodeError::Config(format!(
@@ -44,10 +55,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     (&mut s)
-        .take(MAX_BODY as u64 + 64 * 1024)
+        .take(MAX_ANSWER as u64 + 1)
         .read_to_end(&mut raw)
         .await
         .map_err(|e| e.to_string())?;
+    if raw.len() > MAX_ANSWER {
+        return Err(too_large());
+    }
     parse_response(&raw)
 }
 
@@ -75,6 +89,9 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
         })
     });
     if !chunked {
+        if body.len() > MAX_BODY {
+            return Err(too_large());
+        }
         return Ok(body.to_vec());
     }
     let mut out = Vec::new();
@@ -86,13 +103,27 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
             .ok_or("a chunk size line is cut")?;
         let size_txt = std::str::from_utf8(&rest[..eol]).map_err(|_| "bad chunk size")?;
         let size_txt = size_txt.split(';').next().unwrap_or_default().trim();
+        // Only hex digits, and few enough that no size can overflow: `from_str_radix` alone
+        // accepts a sign, and `ffffffffffffffff` overflowed `size + 2`.
+        if size_txt.is_empty()
+            || size_txt.len() > MAX_CHUNK_DIGITS
+            || !size_txt.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(format!(
+                "bad chunk size {:?}: expected at most {MAX_CHUNK_DIGITS} hex digits",
+                size_txt.escape_debug().to_string()
+            ));
+        }
         let size = usize::from_str_radix(size_txt, 16).map_err(|_| "bad chunk size")?;
         rest = &rest[eol + 2..];
         if size == 0 {
             return Ok(out);
         }
-        if rest.len() < size + 2 || out.len() + size > MAX_BODY {
-            return Err("a chunk is cut or the body is too large".into());
+        if size > MAX_BODY - out.len() {
+            return Err(too_large());
+        }
+        if rest.len() < size + 2 {
+            return Err("a chunk is cut short".into());
         }
         out.extend_from_slice(&rest[..size]);
         rest = &rest[size + 2..];
@@ -128,14 +159,16 @@ fn age(secs: f64) -> String {
 }
 
 /// The text `node members` prints: per cluster a header with the version, then one line per
-/// member (address, UUID, role, state, age), oldest first, like `serf members`.
+/// member (address, UUID, role, state, age), oldest first, like `serf members`. Every string
+/// came over the network, so each is escaped: none can forge a line or a terminal sequence.
 pub fn render(m: &MembersJson) -> String {
+    use discovery::escape_untrusted as esc;
     let mut out = String::new();
     for c in &m.clusters {
         let _ = writeln!(
             out,
             "cluster {} (port {}): ver {}, {} members",
-            c.cluster,
+            esc(&c.cluster),
             c.port,
             c.version,
             c.members.len()
@@ -150,10 +183,10 @@ pub fn render(m: &MembersJson) -> String {
             let _ = writeln!(
                 out,
                 "  {:<24} {:<36}  {:<9} {:<6} {:>7}{this}",
-                x.address,
-                x.uuid,
-                x.role,
-                x.state,
+                esc(&x.address),
+                esc(&x.uuid),
+                esc(&x.role),
+                esc(&x.state),
                 age(x.age_seconds)
             );
         }
@@ -183,6 +216,65 @@ mod tests {
         let e = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nab")
             .unwrap_err();
         assert!(e.contains("cut"), "{e}");
+    }
+
+    #[test]
+    fn huge_or_malformed_chunk_sizes_are_errors_not_panics() {
+        let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for size in [
+            "ffffffffffffffff",
+            "fffffffffffffff0",
+            "+5",
+            "-1",
+            "",
+            "1000001",
+        ] {
+            let raw = format!("{head}{size}\r\nab\r\n0\r\n\r\n");
+            let r = std::panic::catch_unwind(|| parse_response(raw.as_bytes()));
+            let e = r
+                .unwrap_or_else(|_| panic!("chunk size {size:?} panicked"))
+                .unwrap_err();
+            assert!(
+                e.contains("chunk size") || e.contains("larger"),
+                "{size}: {e}"
+            );
+        }
+        // Chunks that each fit but together pass the body bound.
+        let mut raw = head.to_owned();
+        let chunk = "x".repeat(1 << 20);
+        for _ in 0..=(MAX_BODY >> 20) {
+            raw.push_str(&format!("100000\r\n{chunk}\r\n"));
+        }
+        raw.push_str("0\r\n\r\n");
+        let e = parse_response(raw.as_bytes()).unwrap_err();
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+        // The largest body allowed still decodes.
+        let mut raw = head.to_owned();
+        for _ in 0..(MAX_BODY >> 20) {
+            raw.push_str(&format!("100000\r\n{chunk}\r\n"));
+        }
+        raw.push_str("0\r\n\r\n");
+        assert_eq!(parse_response(raw.as_bytes()).unwrap().len(), MAX_BODY);
+    }
+
+    #[test]
+    fn the_table_escapes_what_the_server_sent() {
+        let body = r#"{"clusters":[{"cluster":"all\n\tMember [10.0.0.9]:5701 - forged","port":9081,
+            "version":3,"this":"u1","rejected":{},"members":[
+            {"uuid":"u1\u001b[2J","address":"127.0.0.1:9081\n  Member [10.0.0.8]:5701",
+             "role":"worker","state":"alive\r","this":true,"age_seconds":5.0}]}]}"#;
+        let m: MembersJson = serde_json::from_str(body).unwrap();
+        let text = render(&m);
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(!text.contains('\x1b') && !text.contains('\r'), "{text:?}");
+        assert!(
+            !text.lines().any(|l| l.trim_start().starts_with("Member")),
+            "{text}"
+        );
+        assert!(
+            text.contains(r"all\n\tMember [10.0.0.9]") && text.contains(r"u1\u{1b}[2J"),
+            "{text}"
+        );
     }
 
     #[test]

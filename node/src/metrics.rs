@@ -283,6 +283,11 @@ impl Metrics {
         (Self { registry }, d)
     }
 
+    /// Adds a collector read at every scrape (the HTTP listeners' counters).
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
+    }
+
     /// The exposition, in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();

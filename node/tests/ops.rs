@@ -817,3 +817,94 @@ fn member_lists_are_single_journal_entries() {
         }
     }
 }
+
+/// One GET on loopback; the status code and the body, whatever the status.
+fn get_status(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.to_string()))
+}
+
+#[test]
+fn the_start_up_gate_holds_readiness_until_the_cluster_has_its_size() {
+    let dir = std::env::temp_dir().join(format!("node-ops-gate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut seen = String::new();
+    let drain = |seen: &mut String| {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = notify.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('|');
+        }
+    };
+
+    let peers = "127.0.0.77:8295,127.0.0.78:8295";
+    let gate = ["--min_cluster_size", "2"];
+    let a = start(
+        "127.0.0.77",
+        8295,
+        peers,
+        &gate,
+        // The first wait explanation is logged after 10 s (`gate::WAIT_LOG_INTERVAL`).
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let api = "127.0.0.77:8295";
+    // Alone, the node serves but is not ready, and says why.
+    let waiting = wait_for(Duration::from_secs(10), || {
+        get_status(api, "/readyz")
+            .ok()
+            .filter(|(_, body)| body.contains("1 of the 2"))
+    })
+    .unwrap_or_else(|| panic!("no waiting answer; log:\n{}", a.text()));
+    assert_eq!(waiting.0, 503, "{waiting:?}");
+    assert!(get_status(api, "/healthz").is_ok_and(|(c, _)| c == 200));
+    drain(&mut seen);
+    assert!(seen.contains("waiting for 2 members"), "{seen}");
+    assert!(!seen.contains("READY=1"), "READY before the size: {seen}");
+    // The wait is explained in the log, with what discovery found.
+    assert!(
+        wait_for(Duration::from_secs(15), || a
+            .text()
+            .contains("not ready: the all-instances cluster holds 1 of the 2")
+            .then_some(()))
+        .is_some(),
+        "no wait explanation in the log:\n{}",
+        a.text()
+    );
+    assert!(a.text().contains("127.0.0.78:8295"), "{}", a.text());
+
+    let _b = start("127.0.0.78", 8295, peers, &gate, &[]);
+    let ready = wait_for(Duration::from_secs(15), || {
+        get_status(api, "/readyz").ok().filter(|(c, _)| *c == 200)
+    });
+    assert!(ready.is_some(), "never ready with 2 members:\n{}", a.text());
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            drain(&mut seen);
+            seen.contains("READY=1").then_some(())
+        })
+        .is_some(),
+        "no READY=1 once the size was reached: {seen}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

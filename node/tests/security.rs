@@ -1,6 +1,8 @@
-//! Cluster-key tests with real `node` processes on loopback (127.0.0.31-39): a wrong key is
-//! shut out, keys rotate with no member change, forged and replayed packets change nothing,
-//! and a flood of random datagrams removes no one.
+//! Cluster-key and hardening tests with real `node` processes on loopback (127.0.0.31-39,
+//! 127.0.0.81-84; strangers from 127.0.7.0/24): a wrong key is shut out, keys rotate with no member change, forged and
+//! replayed packets change nothing, a flood of random datagrams removes no one, idle stream
+//! connections from strangers do not stop a join, and idle HTTP connections starve neither
+//! health checks nor gossip.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -77,8 +79,31 @@ impl Node {
         peers: &[&str],
         key: Option<&Path>,
     ) -> Self {
+        Self::start_wrapped(dir, cluster, ip, port, role, peers, key, &[])
+    }
+
+    /// Like [`Node::start`], through `wrapper` (a program that execs the rest, like `prlimit`).
+    #[allow(clippy::too_many_arguments)]
+    fn start_wrapped(
+        dir: &Dir,
+        cluster: &str,
+        ip: &str,
+        port: u16,
+        role: &str,
+        peers: &[&str],
+        key: Option<&Path>,
+        wrapper: &[&str],
+    ) -> Self {
         let log = dir.0.join(format!("{ip}-{port}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_node"));
+        let bin = env!("CARGO_BIN_EXE_node");
+        let mut cmd = match wrapper {
+            [] => Command::new(bin),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+        };
         cmd.args(["--role", role, "--discovery", "static"])
             .args(["--private_ip_selector", &format!("{ip}/32")])
             .args(["--private_port", &port.to_string()])
@@ -544,6 +569,265 @@ fn a_flood_of_random_datagrams_removes_no_one() {
     }
     let all = a.view("all");
     assert!(all.rejected("rate_limited") > 0, "{all:?}");
+}
+
+/// The soft limit on open files of this process, from `/proc/self/limits`.
+fn open_file_soft_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// Opens `n` connections to `to` and keeps them; every other one has sent half a request.
+fn idle_connections(to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"));
+            if i % 2 == 1 {
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+            }
+            s
+        })
+        .collect()
+}
+
+/// One plain request; the body of a 200 answer that arrived within `limit`.
+fn get_within(to: SocketAddr, path: &str, limit: Duration) -> Result<String, String> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect_timeout(&to, limit).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    if t0.elapsed() > limit {
+        return Err(format!("answered after {:?}", t0.elapsed()));
+    }
+    match text.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") =>
+        {
+            Ok(body.to_owned())
+        }
+        _ => Err(format!("unexpected answer {text:?}")),
+    }
+}
+
+/// The value of the sample `line` (name and labels) in a `/metrics` text.
+fn metric(text: &str, line: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn idle_http_connections_leave_health_and_gossip_answering() {
+    let fds = open_file_soft_limit().unwrap_or(0);
+    assert!(
+        fds >= 4500,
+        "this test holds 4000 connections but may open only {fds} files: run `ulimit -n 8192` first"
+    );
+    let dir = Dir::new("idlehttp");
+    let key = dir.key_file("key", &format!("{K1}\n"));
+    let peers = ["127.0.0.81:8381", "127.0.0.82:8381"];
+    let name = "sec-idlehttp";
+    let a = Node::start(
+        &dir,
+        name,
+        "127.0.0.81",
+        8381,
+        "scheduler",
+        &peers,
+        Some(&key),
+    );
+    // B runs with the common default of 1024 files: its caps (256 a listener) are far below
+    // 1000 connections, so only closing the longest-idle ones keeps it answering.
+    let b = Node::start_wrapped(
+        &dir,
+        name,
+        "127.0.0.82",
+        8381,
+        "scheduler",
+        &peers,
+        Some(&key),
+        &["prlimit", "--nofile=1024:1024"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            converged(&[&a, &b], "all", 2) && converged(&[&a, &b], "scheduler", 2)
+        }),
+        "the cluster did not converge:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    let base = (a.views().unwrap(), b.views().unwrap());
+    let http = |n: &Node, port: u16| -> SocketAddr { format!("{}:{port}", n.ip).parse().unwrap() };
+    let ports = |n: &Node| [http(n, n.port - 1), http(n, n.port)];
+    let mut held = Vec::new();
+    for n in [&a, &b] {
+        for to in ports(n) {
+            held.push(idle_connections(to, 1000));
+        }
+    }
+    // While the 4000 connections are held: health answers at once on every port, every time.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        for n in [&a, &b] {
+            for to in ports(n) {
+                let body = get_within(to, "/healthz", Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("/healthz on {to}: {e}\n{}", n.log()));
+                assert_eq!(body, "ok\n");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Gossip went on: the same lists, nothing dropped on the gossip paths for lack of room.
+    for (n, before) in [(&a, &base.0), (&b, &base.1)] {
+        let now = n.views().expect("the internal API answers");
+        for (cluster, v) in before {
+            let w = &now[cluster];
+            assert_eq!(
+                (w.ver, &w.members),
+                (v.ver, &v.members),
+                "{cluster} on {}",
+                n.ip
+            );
+            assert_eq!(w.rejected("busy"), 0, "{w:?}");
+        }
+    }
+    let text = get_within(http(&b, b.port), "/metrics", Duration::from_secs(2)).unwrap();
+    assert_eq!(
+        metric(&text, "node_http_connections_max{listener=\"public\"}"),
+        Some(256.0),
+        "{text}"
+    );
+    for listener in ["public", "internal"] {
+        let evicted = metric(
+            &text,
+            &format!("node_http_connections_evicted_total{{listener=\"{listener}\"}}"),
+        )
+        .unwrap_or(0.0);
+        assert!(evicted >= 700.0, "{listener}: {evicted} evicted\n{text}");
+        let open = metric(
+            &text,
+            &format!("node_http_connections_open{{listener=\"{listener}\"}}"),
+        )
+        .unwrap_or(f64::MAX);
+        assert!(open <= 256.0, "{listener}: {open} open");
+    }
+    assert!(b.log().contains("open-file limit caps"), "{}", b.log());
+    drop(held);
+}
+
+/// Keeps up to `per_source` idle connections from each of `sources` to each of `targets`,
+/// reopening those the node closes, until `stop` is set or `limit` passes. Returns how many
+/// connections it opened.
+fn hold_idle_streams(
+    sources: &[String],
+    targets: &[SocketAddr],
+    per_source: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    limit: Duration,
+) -> usize {
+    use socket2::{Domain, Socket, Type};
+    let open = |src: &str, to: &SocketAddr| -> Option<TcpStream> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+        let from: SocketAddr = format!("{src}:0").parse().ok()?;
+        s.bind(&from.into()).ok()?;
+        s.connect_timeout(&(*to).into(), Duration::from_millis(200))
+            .ok()?;
+        let s: TcpStream = s.into();
+        s.set_nonblocking(true).ok()?;
+        Some(s)
+    };
+    let mut held: Vec<(usize, usize, Option<TcpStream>)> = Vec::new();
+    for si in 0..sources.len() {
+        for ti in 0..targets.len() {
+            for _ in 0..per_source {
+                held.push((si, ti, None));
+            }
+        }
+    }
+    let mut opened = 0;
+    let end = Instant::now() + limit;
+    while Instant::now() < end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for (si, ti, conn) in &mut held {
+            let closed = conn.as_mut().is_none_or(|c| {
+                let mut b = [0u8; 1];
+                !matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            });
+            if closed {
+                *conn = open(&sources[*si], &targets[*ti]);
+                opened += usize::from(conn.is_some());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    opened
+}
+
+#[test]
+fn idle_stream_connections_from_strangers_do_not_stop_a_join() {
+    let dir = Dir::new("streamjam");
+    let key = dir.key_file("key", &format!("{K1}\n"));
+    let peers = ["127.0.0.83:8481", "127.0.0.84:8481"];
+    let name = "sec-streamjam";
+    let a = Node::start(
+        &dir,
+        name,
+        "127.0.0.83",
+        8481,
+        "scheduler",
+        &peers,
+        Some(&key),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || a.views().is_some()),
+        "A did not start:\n{}",
+        a.log()
+    );
+    // 40 strangers keep 4 idle connections each at both stream ports of A and of B (from the
+    // moment B listens): more than every read slot outside the members' reserve, the whole
+    // time B joins. Joins need a stream sync to get through one way or the other.
+    let sources: Vec<String> = (1..=40).map(|i| format!("127.0.7.{i}")).collect();
+    let b_addr =
+        |offset: u16| -> SocketAddr { format!("127.0.0.84:{}", 8481 + offset).parse().unwrap() };
+    let targets = [a.gossip(1000), a.gossip(2000), b_addr(1000), b_addr(2000)];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let jam = scope
+            .spawn(|| hold_idle_streams(&sources, &targets, 4, &stop, Duration::from_secs(40)));
+        std::thread::sleep(Duration::from_millis(1500));
+        let b = Node::start(
+            &dir,
+            name,
+            "127.0.0.84",
+            8481,
+            "scheduler",
+            &peers,
+            Some(&key),
+        );
+        let joined = wait_until(Duration::from_secs(20), || {
+            converged(&[&a, &b], "all", 2) && converged(&[&a, &b], "scheduler", 2)
+        });
+        let views = a.views();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let opened = jam.join().unwrap();
+        assert!(
+            joined,
+            "B did not join under the jam: {views:?}\n{}",
+            b.log()
+        );
+        assert!(opened >= 640, "the jam opened only {opened} connections");
+        let all = &views.unwrap()["all"];
+        assert!(
+            all.rejected("busy") > 0,
+            "the jam never filled the slots: {all:?}"
+        );
+        assert!(all.rejected("stream_timeout") > 0, "{all:?}");
+    });
 }
 
 /// Multicast discovery with a key, across network namespaces (needs root, as CI has): keyed

@@ -48,6 +48,11 @@
 //! anything else still running inside a host), deletes the namespaces (which deletes the
 //! veths and nftables rules with them) and the bridge, and frees the subnet.
 //!
+//! # Booted images
+//!
+//! [`image::ImageBed`] boots a Debian image with systemd as PID 1 in each host
+//! (`systemd-nspawn`), for tests of packages, units and launch scripts; see [`image`].
+//!
 //! ```no_run
 //! use std::process::Command;
 //! use std::time::Duration;
@@ -80,6 +85,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub use membership::{LoggedList, LoggedMember, parse_logged_lists};
+
+pub mod image;
 
 /// The prefix length of each bed's subnet.
 pub const PREFIX_LEN: u8 = 22;

@@ -124,8 +124,18 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(a) = args.first() {
         bail!("`cargo xtask demo` takes no arguments, got `{a}`");
     }
+    // Only the static backend: a cold clone then compiles no cloud SDK and no TLS stack
+    // before the first list (cargo caches this build apart from the default-feature one).
     let mut build = sh::cargo();
-    build.args(["build", "--quiet", "--package", "node"]);
+    build.args([
+        "build",
+        "--quiet",
+        "--package",
+        "node",
+        "--no-default-features",
+        "--features",
+        "static",
+    ]);
     sh::run(build)?;
     let bin = sh::root().join("target/debug/node");
 

@@ -2,7 +2,9 @@
 //!
 //! The package `cluster-node` holds `/usr/bin/cluster-node` (renamed: Debian's Node.js owns
 //! `/usr/bin/node`), the two units in `/lib/systemd/system`, and `/etc/default/cluster-node`
-//! as a conffile. It has no maintainer scripts: enabling a unit is the operator's choice.
+//! as a conffile, and the empty directory `/etc/cluster-node` where the units look for the
+//! cluster key. It has no maintainer scripts: enabling a unit is the operator's choice, and after
+//! an upgrade the operator restarts the unit (`systemctl restart worker`), one host at a time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,12 +20,18 @@ struct Options {
     binary: Option<PathBuf>,
     /// Where the `.deb` goes.
     out: PathBuf,
+    /// The package version, instead of node's crate version (e.g. to test an upgrade).
+    version: Option<String>,
+    /// gzip -1 instead of xz: seconds instead of a minute or more for a debug binary.
+    fast: bool,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
         binary: None,
         out: target_dir().join("dist"),
+        version: None,
+        fast: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -32,8 +40,23 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
                 o.binary = Some(it.next().context("--binary needs a path")?.into());
             }
             "--out" => o.out = it.next().context("--out needs a directory")?.into(),
+            "--version" => {
+                let v = it.next().context("--version needs a Debian version")?;
+                if v.is_empty()
+                    || !v.starts_with(|c: char| c.is_ascii_digit())
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c))
+                {
+                    bail!(
+                        "--version {v:?} is not a Debian version (digits first, then [A-Za-z0-9.+~-])"
+                    );
+                }
+                o.version = Some(v.clone());
+            }
+            "--fast" => o.fast = true,
             other => bail!(
-                "unknown argument `{other}`; usage: cargo xtask dist [--binary PATH] [--out DIR]"
+                "unknown argument `{other}`; usage: cargo xtask dist [--binary PATH] [--out DIR] [--version VERSION] [--fast]"
             ),
         }
     }
@@ -58,13 +81,19 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
     };
     sh::ensure_debian_packages(&[("dpkg-deb", "dpkg")])?;
-    let deb = build_deb(&binary, &sh::root().join("deploy"), &o.out)?;
+    let deb = build_deb(
+        &binary,
+        &sh::root().join("deploy"),
+        &o.out,
+        o.version.as_deref(),
+        o.fast,
+    )?;
     println!("{}", deb.display());
     Ok(())
 }
 
 /// The workspace version, from node's manifest.
-fn version() -> anyhow::Result<String> {
+pub fn crate_version() -> anyhow::Result<String> {
     let manifest = std::fs::read_to_string(sh::root().join("node").join("Cargo.toml"))?;
     manifest
         .lines()
@@ -95,15 +124,25 @@ fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lays out the package tree from `binary` and `deploy/`, and builds the `.deb` in `out`.
-pub fn build_deb(binary: &Path, deploy: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+/// Lays out the package tree from `binary` and `deploy/`, and builds the `.deb` in `out`, with
+/// `version` or else node's crate version; `fast` compresses with gzip -1 instead of xz.
+pub fn build_deb(
+    binary: &Path,
+    deploy: &Path,
+    out: &Path,
+    version: Option<&str>,
+    fast: bool,
+) -> anyhow::Result<PathBuf> {
     if !binary.is_file() {
         bail!(
             "{} does not exist: build it first, or run `cargo xtask dist` without --binary",
             binary.display()
         );
     }
-    let version = version()?;
+    let version = match version {
+        Some(v) => v.to_owned(),
+        None => crate_version()?,
+    };
     let arch = architecture()?;
     std::fs::create_dir_all(out)?;
     let tree = out.join(format!("cluster-node_{version}_{arch}"));
@@ -123,6 +162,8 @@ pub fn build_deb(binary: &Path, deploy: &Path, out: &Path) -> anyhow::Result<Pat
         &tree.join("etc/default/cluster-node"),
         0o644,
     )?;
+    // The key's documented place; the units load /etc/cluster-node/key when it exists.
+    std::fs::create_dir_all(tree.join("etc/cluster-node"))?;
     copy(
         &sh::root().join("README.md"),
         &tree.join("usr/share/doc/cluster-node/README.md"),
@@ -147,6 +188,9 @@ pub fn build_deb(binary: &Path, deploy: &Path, out: &Path) -> anyhow::Result<Pat
     std::fs::write(tree.join("DEBIAN/conffiles"), "/etc/default/cluster-node\n")?;
     let deb = out.join(format!("cluster-node_{version}_{arch}.deb"));
     let mut cmd = Command::new("dpkg-deb");
+    if fast {
+        cmd.args(["-Zgzip", "-z1"]);
+    }
     cmd.args(["--root-owner-group", "--build"])
         .arg(&tree)
         .arg(&deb);
@@ -196,7 +240,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let bin = dir.join("node");
         std::fs::write(&bin, "#!/bin/sh\necho cluster-node\n").unwrap();
-        let deb = build_deb(&bin, &sh::root().join("deploy"), &dir.join("out")).unwrap();
+        let deb = build_deb(
+            &bin,
+            &sh::root().join("deploy"),
+            &dir.join("out"),
+            None,
+            true,
+        )
+        .unwrap();
 
         let list = run_ok(Command::new("dpkg-deb").arg("-c").arg(&deb));
         for (mode, path) in [
@@ -271,6 +322,8 @@ mod tests {
             Path::new("/nonexistent/node"),
             Path::new("deploy"),
             Path::new("/tmp"),
+            None,
+            false,
         )
         .unwrap_err()
         .to_string();
@@ -286,5 +339,11 @@ mod tests {
         let o = parse(&["--binary".into(), "/x".into(), "--out".into(), "/y".into()]).unwrap();
         assert_eq!(o.binary.as_deref(), Some(Path::new("/x")));
         assert_eq!(o.out, PathBuf::from("/y"));
+        assert_eq!(o.version, None);
+        let o = parse(&["--version".into(), "0.1.0+1".into()]).unwrap();
+        assert_eq!(o.version.as_deref(), Some("0.1.0+1"));
+        for bad in ["", "x1", "1 2", "1/2"] {
+            assert!(parse(&["--version".into(), bad.into()]).is_err(), "{bad:?}");
+        }
     }
 }

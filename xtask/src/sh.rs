@@ -11,21 +11,61 @@ pub fn root() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
-/// The cargo that runs us.
+/// Variables that `cargo run` sets for the program it runs, as opposed to settings a user
+/// exports. A nested cargo that inherits them fingerprints build scripts differently (ring's
+/// and aws-lc-sys's track `CARGO_MANIFEST_DIR`), so every build after `cargo xtask` would
+/// recompile them, and the next plain `cargo build` would recompile them again.
+const CARGO_RUN_VARS: &[&str] = &[
+    "CARGO",
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_MAKEFLAGS",
+    "OUT_DIR",
+];
+
+/// Whether `cargo run` (or `cargo test`) set this variable for the program it started.
+pub fn set_by_cargo_run(name: &str) -> bool {
+    CARGO_RUN_VARS.contains(&name)
+        || name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
+}
+
+/// A command without the variables `cargo run` set for us.
+pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_run) {
+            c.env_remove(name);
+        }
+    }
+    c
+}
+
+/// The cargo that runs us, in the workspace root, without the variables `cargo run` set.
 pub fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = clean(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
     c
 }
 
 /// Runs a command, echoing it, and fails when it fails.
 pub fn run(mut cmd: Command) -> anyhow::Result<()> {
-    eprintln!("$ {cmd:?}");
+    // Only the program and its arguments: the variables removed by `clean` would bury them.
+    let shown: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    eprintln!("$ {}", shown.join(" "));
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
     if !status.success() {
-        bail!("{cmd:?} failed with {status}");
+        bail!("`{}` failed with {status}", shown.join(" "));
     }
     Ok(())
 }
@@ -60,4 +100,49 @@ pub fn ensure_debian_packages(pkgs: &[(&str, &str)]) -> anyhow::Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo test` sets the same package variables as `cargo run`; a nested cargo must see
+    /// none of them, or the rebuild loop of issue 12 comes back.
+    #[test]
+    fn nested_cargo_inherits_no_variable_cargo_run_set() {
+        assert!(
+            std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+            "this test must run under cargo"
+        );
+        let out = clean("env").output().expect("run env");
+        let seen = String::from_utf8_lossy(&out.stdout);
+        let leaked: Vec<&str> = seen
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| set_by_cargo_run(k))
+            .collect();
+        assert!(leaked.is_empty(), "leaked into a nested cargo: {leaked:?}");
+        // Settings a user exports still pass through.
+        assert!(seen.lines().any(|l| l.starts_with("PATH=")));
+    }
+
+    #[test]
+    fn user_settings_are_not_taken_for_cargo_run_variables() {
+        for user in [
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "CARGO_BUILD_JOBS",
+        ] {
+            assert!(!set_by_cargo_run(user), "{user}");
+        }
+        for run in [
+            "CARGO",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_CRATE_NAME",
+        ] {
+            assert!(set_by_cargo_run(run), "{run}");
+        }
+    }
 }

@@ -1,9 +1,12 @@
 //! Flags and constructor of EC2 discovery (`--discovery=aws`).
 
+#[cfg(feature = "aws")]
 use std::sync::Arc;
 
 use clap::Args;
+#[cfg(feature = "aws")]
 use discovery::{Context, Discover, DiscoveryError};
+#[cfg(feature = "aws")]
 use discovery_aws::{AwsConfig, AwsDiscovery};
 
 /// EC2 discovery flags.
@@ -30,6 +33,7 @@ pub struct AwsFlags {
     pub aws_endpoint: Option<String>,
 }
 
+#[cfg(feature = "aws")]
 /// Builds the backend.
 pub fn build(flags: &AwsFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let mut config = AwsConfig::new(flags.aws_tags.clone().unwrap_or_default());

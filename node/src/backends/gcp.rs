@@ -1,9 +1,12 @@
 //! Flags and constructor of GCE discovery (`--discovery=gcp`).
 
+#[cfg(feature = "gcp")]
 use std::sync::Arc;
 
 use clap::Args;
+#[cfg(feature = "gcp")]
 use discovery::{Context, Discover, DiscoveryError};
+#[cfg(feature = "gcp")]
 use discovery_gcp::{Config, GcpDiscovery, GcpError, parse_labels, parse_zones};
 
 /// GCP discovery flags.
@@ -30,6 +33,7 @@ pub struct GcpFlags {
     pub gcp_endpoint: Option<String>,
 }
 
+#[cfg(feature = "gcp")]
 /// Builds the backend.
 pub fn build(flags: &GcpFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let config = Config {

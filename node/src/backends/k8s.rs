@@ -1,10 +1,13 @@
 //! Flags and constructor of Kubernetes discovery.
 
 use std::path::PathBuf;
+#[cfg(feature = "k8s")]
 use std::sync::Arc;
 
 use clap::{ArgAction, Args};
+#[cfg(feature = "k8s")]
 use discovery::{Context, Discover, DiscoveryError};
+#[cfg(feature = "k8s")]
 use discovery_k8s::{ConfigEnv, K8sDiscovery, Settings};
 
 /// Kubernetes discovery flags.
@@ -44,6 +47,7 @@ pub struct K8sFlags {
     pub k8s_service_account_dir: Option<PathBuf>,
 }
 
+#[cfg(feature = "k8s")]
 /// Builds the backend; the client is configured on first use.
 pub fn build(flags: &K8sFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let settings = Settings::from_flags(

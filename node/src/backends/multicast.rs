@@ -1,10 +1,13 @@
 //! Flags and constructor of multicast discovery.
 
 use std::net::Ipv4Addr;
+#[cfg(feature = "multicast")]
 use std::sync::Arc;
 
 use clap::{ArgAction, Args};
+#[cfg(feature = "multicast")]
 use discovery::{Context, Discover, DiscoveryError};
+#[cfg(feature = "multicast")]
 use discovery_multicast::{MulticastConfig, MulticastDiscovery, MulticastError};
 
 /// Multicast discovery flags.
@@ -32,6 +35,7 @@ pub struct MulticastFlags {
     pub multicast_loopback: bool,
 }
 
+#[cfg(feature = "multicast")]
 /// Builds the backend.
 pub fn build(flags: &MulticastFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let cfg = MulticastConfig {
@@ -54,6 +58,7 @@ pub fn build(flags: &MulticastFlags, ctx: Context) -> Result<Arc<dyn Discover>, 
     }))
 }
 
+#[cfg(feature = "multicast")]
 /// Seals announcements with the cluster key, bound to the cluster name and `multicast`, so an
 /// announcement never verifies as gossip of either cluster or as another cluster's.
 #[derive(Debug)]
@@ -62,6 +67,7 @@ struct KeySeal {
     inner: Arc<dyn discovery::Seal>,
 }
 
+#[cfg(feature = "multicast")]
 impl discovery_multicast::Seal for KeySeal {
     fn seal(&self, payload: Vec<u8>) -> Vec<u8> {
         self.inner.seal(&self.aad, &payload)
@@ -74,7 +80,7 @@ impl discovery_multicast::Seal for KeySeal {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "multicast"))]
 mod tests {
     use clap::Parser;
     use discovery_multicast::Seal as _;

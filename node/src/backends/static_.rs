@@ -1,9 +1,12 @@
 //! Flags and constructor of static discovery.
 
+#[cfg(feature = "static")]
 use std::sync::Arc;
 
 use clap::Args;
+#[cfg(feature = "static")]
 use discovery::{Context, Discover, DiscoveryError};
+#[cfg(feature = "static")]
 use discovery_static::{StaticDiscovery, StaticError};
 
 /// Static discovery flags.
@@ -14,6 +17,7 @@ pub struct StaticFlags {
     pub static_members: Option<String>,
 }
 
+#[cfg(feature = "static")]
 /// Builds the backend.
 pub fn build(flags: &StaticFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let raw = flags.static_members.as_deref().unwrap_or("");
