@@ -163,12 +163,41 @@ fn check_node_container(file: &str, t: &PodTemplateSpec, role: &str) -> Containe
             .any(|p| p.name.as_deref() == Some("private")),
         "{file}: the container port named `private` tells peers the --private_port"
     );
+    // Readiness is the start-up gate's signal: /readyz, with a size the schedulers' replicas
+    // can reach alone (checked against the StatefulSet by the caller).
+    let ready = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .unwrap_or_else(|| panic!("{file}: no readinessProbe httpGet"));
+    assert_eq!(ready.path.as_deref(), Some("/readyz"), "{file}");
+    let min: u32 = env
+        .iter()
+        .find(|e| e.name == "NODE_MIN_CLUSTER_SIZE")
+        .and_then(|e| e.value.as_deref())
+        .unwrap_or_else(|| panic!("{file}: no NODE_MIN_CLUSTER_SIZE"))
+        .parse()
+        .unwrap_or_else(|e| panic!("{file}: NODE_MIN_CLUSTER_SIZE: {e}"));
+    assert!(min >= 1, "{file}");
     c
+}
+
+/// The start-up gate's size in a container, for the cross-manifest check.
+fn min_cluster_size(c: &Container) -> i32 {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_MIN_CLUSTER_SIZE")
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.parse().ok())
+        .expect("checked by check_node_container")
 }
 
 #[test]
 fn every_manifest_parses_strictly_and_fits_together() {
     let mut kinds = Vec::new();
+    let mut scheduler_replicas = 0;
+    let mut gates = Vec::new();
     for (file, doc) in documents() {
         let kind = doc["kind"].as_str().unwrap_or("").to_owned();
         match kind.as_str() {
@@ -199,17 +228,29 @@ fn every_manifest_parses_strictly_and_fits_together() {
             }
             "StatefulSet" => {
                 let s: StatefulSet = strict(&doc, &file);
-                let c = check_node_container(&file, &s.spec.unwrap().template, "scheduler");
+                let spec = s.spec.unwrap();
+                let c = check_node_container(&file, &spec.template, "scheduler");
+                scheduler_replicas = spec.replicas.unwrap_or(1);
+                gates.push((file.clone(), min_cluster_size(&c)));
                 assert!(c.args.unwrap().contains(&"scheduler".to_owned()));
             }
             "Deployment" => {
                 let d: Deployment = strict(&doc, &file);
                 let c = check_node_container(&file, &d.spec.unwrap().template, "worker");
+                gates.push((file.clone(), min_cluster_size(&c)));
                 assert!(c.args.unwrap().contains(&"worker".to_owned()));
             }
             other => panic!("{file}: unexpected kind `{other}`"),
         }
         kinds.push(kind);
+    }
+    // The schedulers alone can open every pod's start-up gate: a gate above that could keep
+    // a whole deployment unready while the workers are scaled to zero.
+    for (file, min) in gates {
+        assert!(
+            min <= scheduler_replicas,
+            "{file}: NODE_MIN_CLUSTER_SIZE {min} exceeds the {scheduler_replicas} schedulers"
+        );
     }
     kinds.sort();
     assert_eq!(

@@ -685,14 +685,16 @@ impl Engine {
         {
             return Err(MembershipError::Refused("unknown_target"));
         }
-        if !self.in_state(src.addr) && !self.room_for(1) {
+        let new_sender = !self.in_state(src.addr);
+        if new_sender && !self.room_for(1) {
             return Err(MembershipError::Refused("member_cap"));
         }
         self.tell_if_down(&pkt.header, pkt.updates.as_deref().unwrap_or(&[]));
         let mut confirmed = Vec::new();
         let mut rewritten = false;
         if let Some(updates) = pkt.updates.take() {
-            let (kept, changed, conf) = self.screen(&src, updates, Via::Gossip, 1);
+            let reserved = usize::from(new_sender);
+            let (kept, changed, conf) = self.screen(&src, updates, Via::Gossip, reserved);
             pkt.updates = Some(kept);
             rewritten = changed;
             confirmed = conf;
@@ -715,9 +717,10 @@ impl Engine {
     /// Screens member updates that `sender` passed on, before foca applies them:
     ///
     /// - a `Down` about a live member other than the sender becomes `Suspect` at the same
-    ///   incarnation and counts as the sender's confirmation, so the target can refute and this
-    ///   member's own Lifeguard timer decides; a `Down` about anyone unknown or already down is
-    ///   dropped. A `Down` about the sender itself (its leave) stays.
+    ///   incarnation; from a live sender it confirms the suspicion fully (the sender ran its own
+    ///   timer to the end), so this member's own Lifeguard timer decides at the minimum timeout
+    ///   and the target can refute until then. A `Down` about anyone unknown or already down is
+    ///   dropped; a `Down` about the sender itself (its leave) stays.
     /// - a `Down` about this member in gossip becomes `Suspect` too (refuted at once); only a
     ///   sync, which comes over a stream from a member that holds us down, makes us renew.
     /// - an identity with another UUID at the address of a live member is dropped: a restart

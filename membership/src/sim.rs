@@ -2,7 +2,8 @@
 //!
 //! Everything random comes from one seeded RNG, so a failing scenario replays exactly.
 //! Datagrams are lost with the configured probability; streams are reliable, as TCP is, but
-//! both are cut by partitions. Nothing here touches a socket.
+//! both are cut by partitions. [`Sim::inject`] hands a host forged or foreign packets, for
+//! attack scenarios. Nothing here touches a socket.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -450,7 +451,7 @@ mod tests {
         assert!(!s.list(0).unwrap().contains(old));
     }
 
-    /// Every list every host adopted from `since[i]` on lists exactly `n` members.
+    /// The sizes of the lists each host adopted from `since[i]` on.
     fn lists_since(s: &Sim, since: &[usize]) -> Vec<Vec<usize>> {
         s.nodes
             .iter()
@@ -515,6 +516,10 @@ mod tests {
                 };
                 s.inject(i, from, &data);
             }
+            // Only the list half the number circle ahead, from the coordinator's own address,
+            // passes as newer; `u64::MAX - 1` is behind a small version in serial order.
+            let adopted = s.list(1).unwrap().ver != held;
+            assert_eq!(adopted, variant == 5, "variant {variant}");
             s.run_for(Duration::from_millis(500));
             s.kill(3);
             let t0 = s.now();

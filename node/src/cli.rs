@@ -178,6 +178,18 @@ fn parse_min_cluster_size(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// `--max_members`: from 2 to the 10 000 members a message may name.
+fn parse_max_members(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of members such as 1024"))?;
+    if !(2..=10_000).contains(&n) {
+        return Err(format!("`{s}` must be between 2 and 10000 members"));
+    }
+    Ok(n)
+}
+
 /// Every setting of a node. Each flag can also come from `NODE_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct Flags {
@@ -226,6 +238,11 @@ pub struct Flags {
     /// this many members (this node included); 1 means ready once discovery has answered.
     #[arg(long = "min_cluster_size", env = "NODE_MIN_CLUSTER_SIZE", default_value = "1", value_parser = parse_min_cluster_size, global = true)]
     pub min_cluster_size: usize,
+
+    /// Most members one logical cluster admits; syncs and gossip beyond it add no one, so a
+    /// flood of forged identities costs bounded memory. Down members count against twice it.
+    #[arg(long = "max_members", env = "NODE_MAX_MEMBERS", default_value = "1024", value_parser = parse_max_members, global = true)]
+    pub max_members: usize,
 
     /// File of base64 cluster keys, one per line: the first seals, all open; re-read on SIGHUP.
     /// Without it, cluster traffic is neither authenticated nor encrypted.
@@ -319,8 +336,15 @@ mod tests {
         assert!(e.contains("ms, s or m"), "{e}");
         let e = parse(&["--discovery", "consul"]).unwrap_err().to_string();
         assert!(e.contains("gcp") && e.contains("static"), "{e}");
+        for bad in ["1", "x", "10001"] {
+            let e = parse(&["--max_members", bad]).unwrap_err().to_string();
+            assert!(e.contains("--max_members"), "{bad}: {e}");
+        }
+        assert_eq!(parse(&[]).unwrap().flags.max_members, 1024);
         for bad in ["0", "-1", "three", "10001"] {
-            let e = parse(&["--min_cluster_size", bad]).unwrap_err().to_string();
+            let e = parse(&[&format!("--min_cluster_size={bad}")])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("--min_cluster_size"), "{bad}: {e}");
         }
         assert_eq!(parse(&[]).unwrap().flags.min_cluster_size, 1);

@@ -361,6 +361,7 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
     ));
 
     let mut cfg = membership::Config::lan();
+    cfg.member_cap = flags.max_members;
     // Datagrams stay below 1400 bytes on the wire, sealing included: MTU-safe on IPv4 and IPv6.
     let max_datagram = cfg.max_datagram;
     let max_members = cfg.max_members;

@@ -464,14 +464,32 @@ fn forged_and_replayed_leaves_leave_the_view_unchanged() {
     let after = a.view("all");
     assert_eq!((after.ver, &after.members), (base.ver, &base.members));
 
-    // Control: the same leave, sealed now with the right key, does remove B, so the refused
-    // copies above were potent.
+    // Control: the same leave, sealed now with the right key, passes every check of the key
+    // and reaches the engine, which refuses it because it does not come from B's address: a
+    // key holder cannot make a member leave for it.
+    let spoofed_before = a.view("all").rejected("spoofed_source");
     send(to, &s.seal(&aad, &leave));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            a.view("all").rejected("spoofed_source") > spoofed_before
+        }),
+        "the fresh, rightly sealed leave was not refused as spoofed: {:?}",
+        a.view("all")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.view("all").members.contains(&b_uuid.to_string()));
+    // B's own leave, from its address, does remove it at once.
+    let ok = Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
     assert!(
         wait_until(Duration::from_secs(5), || {
             !a.view("all").members.contains(&b_uuid.to_string())
         }),
-        "the control leave had no effect: {:?}",
+        "B's own leave had no effect: {:?}",
         a.view("all")
     );
 }
