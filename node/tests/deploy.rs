@@ -43,7 +43,7 @@ fn units_carry_the_settings_operators_rely_on() {
             "DynamicUser=yes",
             "ProtectSystem=strict",
             "NoNewPrivileges=yes",
-            // Room for the HTTP listeners' connection caps (4096 each) and the gossip streams.
+            // Room for the HTTP listeners' connection caps (128 each) and the gossip streams.
             "LimitNOFILE=65536",
             // The key as a credential the DynamicUser can read, keyless without the file.
             "LoadCredential=cluster-key:/etc/cluster-node/key",
