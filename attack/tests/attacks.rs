@@ -3,7 +3,6 @@
 //! after a kill. Needs root (network namespaces), as CI has.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use attack::{Attack, Binaries, Row};
 
@@ -15,7 +14,8 @@ fn binaries() -> Binaries {
         .parent()
         .expect("the workspace root")
         .to_path_buf();
-    let status = Command::new(env!("CARGO"))
+    // Without the variables `cargo test` set for us, as xtask's nested cargo (`sh::cargo`).
+    let status = testbed::cargo::command()
         .args([
             "build",
             "--quiet",

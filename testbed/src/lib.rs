@@ -86,6 +86,7 @@ use std::time::{Duration, Instant};
 
 pub use membership::{LoggedList, LoggedMember, parse_logged_lists};
 
+pub mod cargo;
 pub mod image;
 
 /// The prefix length of each bed's subnet.

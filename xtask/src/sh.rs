@@ -11,44 +11,9 @@ pub fn root() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
-/// Variables that `cargo run` sets for the program it runs, as opposed to settings a user
-/// exports. A nested cargo that inherits them fingerprints build scripts differently (ring's
-/// and aws-lc-sys's track `CARGO_MANIFEST_DIR`), so every build after `cargo xtask` would
-/// recompile them, and the next plain `cargo build` would recompile them again.
-const CARGO_RUN_VARS: &[&str] = &[
-    "CARGO",
-    "CARGO_MANIFEST_DIR",
-    "CARGO_MANIFEST_PATH",
-    "CARGO_CRATE_NAME",
-    "CARGO_BIN_NAME",
-    "CARGO_PRIMARY_PACKAGE",
-    "CARGO_RUSTC_CURRENT_DIR",
-    "CARGO_TARGET_TMPDIR",
-    "CARGO_MAKEFLAGS",
-    "OUT_DIR",
-];
-
-/// Whether `cargo run` (or `cargo test`) set this variable for the program it started.
-pub fn set_by_cargo_run(name: &str) -> bool {
-    CARGO_RUN_VARS.contains(&name)
-        || name.starts_with("CARGO_PKG_")
-        || name.starts_with("CARGO_BIN_EXE_")
-}
-
-/// A command without the variables `cargo run` set for us.
-pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new(program);
-    for (name, _) in std::env::vars_os() {
-        if name.to_str().is_some_and(set_by_cargo_run) {
-            c.env_remove(name);
-        }
-    }
-    c
-}
-
 /// The cargo that runs us, in the workspace root, without the variables `cargo run` set.
 pub fn cargo() -> Command {
-    let mut c = clean(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut c = testbed::cargo::command();
     c.current_dir(root());
     c
 }
@@ -104,7 +69,7 @@ pub fn ensure_debian_packages(pkgs: &[(&str, &str)]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use testbed::cargo::{clean, set_by_cargo_run};
 
     /// `cargo test` sets the same package variables as `cargo run`; a nested cargo must see
     /// none of them, or the rebuild loop of issue 12 comes back.
