@@ -37,8 +37,8 @@ fn terminate(n: &mut Node, within: Duration) -> Option<std::process::ExitStatus>
     n.wait_exit(within)
 }
 
-/// One GET on loopback; the body of a 200 answer, parsed by the node's own client.
-fn get(addr: &str, path: &str) -> Result<String, String> {
+/// One GET on loopback, `Connection: close`; the whole raw answer.
+fn request(addr: &str, path: &str) -> Result<Vec<u8>, String> {
     let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
@@ -48,7 +48,12 @@ fn get(addr: &str, path: &str) -> Result<String, String> {
     .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let body = node::members::parse_response(&raw)?;
+    Ok(raw)
+}
+
+/// One GET on loopback; the body of a 200 answer, parsed by the node's own client.
+fn get(addr: &str, path: &str) -> Result<String, String> {
+    let body = node::members::parse_response(&request(addr, path)?)?;
     String::from_utf8(body).map_err(|e| e.to_string())
 }
 
@@ -820,16 +825,7 @@ fn member_lists_are_single_journal_entries() {
 
 /// One GET on loopback; the status code and the body, whatever the status.
 fn get_status(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).to_string();
+    let text = String::from_utf8_lossy(&request(addr, path)?).to_string();
     let code = text
         .split_whitespace()
         .nth(1)
