@@ -259,7 +259,11 @@ impl Intel {
                 Kind::Foca => {
                     if let Some((h, updates)) = wire::peek_foca(p) {
                         note(port, h.src, Some(h.src_incarnation));
-                        note(port, h.dst, None);
+                        // The destination travels in short (generation and UUID tail): only
+                        // the sender is a whole identity.
+                        if h.dst.addr.port() != 0 {
+                            note(port, h.dst, None);
+                        }
                         for m in updates {
                             note(port, *m.id(), Some(m.incarnation()));
                         }
@@ -438,6 +442,7 @@ fn version_capture(h: &Hostile, intel: &Intel) -> Result<Vec<String>, AttackErro
                     from: members[(i + 1) % members.len()].id,
                     have_ver: u64::MAX,
                     have_coordinator: Uuid::new_v4(),
+                    zone: None,
                 };
                 let data = wire::encode_pull(tag(port), &pull);
                 h.datagram(m.id.addr, &data);
@@ -446,6 +451,7 @@ fn version_capture(h: &Hostile, intel: &Intel) -> Result<Vec<String>, AttackErro
                     ver: u64::MAX - 1,
                     coordinator: coordinator.id.uuid,
                     members: ids.clone(),
+                    zones: Default::default(),
                 };
                 let data = wire::encode_list(tag(port), &list);
                 h.datagram(m.id.addr, &data);
@@ -475,6 +481,7 @@ fn reflection(c: &Cluster, h: &Hostile) -> Result<Vec<String>, AttackError> {
             Kind::SyncRequest,
             &SyncMsg {
                 from,
+                zone: None,
                 members: Vec::new(),
             },
         );
@@ -518,7 +525,15 @@ fn sync_flood(c: &Cluster, h: &Hostile) -> Result<Vec<String>, AttackError> {
             500,
             Role::Scheduler,
         );
-        let data = wire::encode_sync(tag(port), Kind::SyncRequest, &SyncMsg { from, members });
+        let data = wire::encode_sync(
+            tag(port),
+            Kind::SyncRequest,
+            &SyncMsg {
+                from,
+                zone: None,
+                members,
+            },
+        );
         for ip in c.ips() {
             h.stream(SocketAddr::new(ip.into(), port), &data);
         }

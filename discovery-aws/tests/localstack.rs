@@ -1,5 +1,7 @@
 //! The backend's production code against LocalStack's EC2: filters, states, groups, several
-//! network interfaces, pagination, the region from IMDSv2, throttling and authorisation errors.
+//! network interfaces, IPv6 addresses, zones and roles, pagination (and pages published as they
+//! arrive), the region and zone from IMDSv2 (the `aws-fake` IMDS), throttling and authorisation
+//! errors (the `aws-fake` proxy).
 //!
 //! `cargo xtask test` starts LocalStack and passes its URL in `LOCALSTACK_ENDPOINT`. LocalStack
 //! keeps every instance for its lifetime, so each test tags its instances with its own value
@@ -11,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use discovery::{Discover, DiscoveryError, NoObserver, Refresh, Snapshot};
-use discovery_aws::{AwsConfig, AwsDiscovery, Retry};
+use discovery::{Candidate, Discover, DiscoveryError, NoObserver, Refresh, Role, Snapshot};
+use discovery_aws::{AwsConfig, AwsDiscovery, AwsEnv, METADATA_ENDPOINT_ENV, Retry};
 use support::*;
 use tokio::sync::watch;
 
@@ -20,7 +22,13 @@ fn config(tags: &str, endpoint: &str) -> AwsConfig {
     let mut c = AwsConfig::new(tags);
     c.region = Some(REGION.into());
     c.endpoint = Some(endpoint.into());
+    // IMDS is the fake's or none: never the real one.
+    c.env = AwsEnv::from_pairs([("AWS_EC2_METADATA_DISABLED", "true")]);
     c
+}
+
+fn proxy(upstream: &str) -> FaultProxy {
+    FaultProxy::start(upstream).expect("start the fault proxy")
 }
 
 async fn discover(c: AwsConfig, ctx: discovery::Context) -> discovery::Report {
@@ -34,7 +42,7 @@ async fn discover(c: AwsConfig, ctx: discovery::Context) -> discovery::Report {
 #[tokio::test]
 async fn tag_terms_are_anded_and_values_are_ored() {
     let ep = localstack();
-    let seed = Seed::new(REGION).await;
+    let seed = seed(REGION).await;
     let subnet = seed.subnet("198.18.1.0/24").await;
     let u = unique("tags");
     let u = u.as_str();
@@ -83,7 +91,7 @@ async fn tag_terms_are_anded_and_values_are_ored() {
 #[tokio::test]
 async fn only_running_instances_count_and_discover_says_why_others_do_not() {
     let ep = localstack();
-    let seed = Seed::new(REGION).await;
+    let seed = seed(REGION).await;
     let subnet = seed.subnet("198.18.2.0/24").await;
     let elsewhere = seed.subnet("198.18.3.0/24").await;
     let u = unique("state");
@@ -94,7 +102,7 @@ async fn only_running_instances_count_and_discover_says_why_others_do_not() {
     let outside = seed.instance(&elsewhere, "198.18.3.11", &tag).await;
     seed.stop(std::slice::from_ref(&stopped)).await;
 
-    let proxy = FaultProxy::start(&ep).await;
+    let proxy = proxy(&ep);
     let d = AwsDiscovery::new(
         config(&format!("cluster={u}"), &proxy.url()),
         ctx("198.18.2.11", "198.18.2.0/24"),
@@ -102,7 +110,7 @@ async fn only_running_instances_count_and_discover_says_why_others_do_not() {
     .expect("config");
 
     // `node discover`: candidates plus every exclusion with its reason.
-    let r = d.discover().await.expect("discover");
+    let r = d.explain().await.expect("explain");
     assert_eq!(ips(&r), parse_ips(&["198.18.2.12"]));
     let reason = |id: &str| {
         r.excluded
@@ -113,7 +121,7 @@ async fn only_running_instances_count_and_discover_says_why_others_do_not() {
     };
     assert!(reason(&stopped).contains("stopped"), "{r:?}");
     assert!(
-        reason(&outside).contains("no private IP in --private_ip_selector 198.18.2.0/24"),
+        reason(&outside).contains("no IPv4 address inside --private_ip_selector 198.18.2.0/24"),
         "{r:?}"
     );
     assert!(r.excluded.iter().any(|x| x.reason == "self"), "{r:?}");
@@ -159,7 +167,7 @@ async fn only_running_instances_count_and_discover_says_why_others_do_not() {
 #[tokio::test]
 async fn the_security_group_filter_takes_an_id_or_a_name() {
     let ep = localstack();
-    let seed = Seed::new(REGION).await;
+    let seed = seed(REGION).await;
     let subnet = seed.subnet("198.18.4.0/24").await;
     let u = unique("sg");
     let group_name = format!("g-{u}");
@@ -185,9 +193,9 @@ async fn the_security_group_filter_takes_an_id_or_a_name() {
 }
 
 #[tokio::test]
-async fn every_private_ip_of_every_interface_inside_the_selector_counts() {
+async fn an_instance_with_two_interfaces_is_its_lowest_address_inside_the_selector() {
     let ep = localstack();
-    let seed = Seed::new(REGION).await;
+    let seed = seed(REGION).await;
     let a = seed.subnet("198.18.5.0/24").await;
     let b = seed.subnet("198.18.6.0/24").await;
     let u = unique("eni");
@@ -198,10 +206,10 @@ async fn every_private_ip_of_every_interface_inside_the_selector_counts() {
 
     let tags = format!("cluster={u}");
     let r = discover(config(&tags, &ep), ctx("198.18.0.1", "198.18.0.0/16")).await;
-    assert_eq!(ips(&r), parse_ips(&["198.18.5.11", "198.18.6.11"]), "{r:?}");
+    assert_eq!(ips(&r), parse_ips(&["198.18.5.11"]), "{r:?}");
     assert!(r.candidates.iter().all(|c| c.id.as_deref() == Some(&id)));
 
-    // A narrower selector keeps only the interface inside it.
+    // A narrower selector picks the interface inside it.
     let r = discover(config(&tags, &ep), ctx("198.18.6.1", "198.18.6.0/24")).await;
     assert_eq!(ips(&r), parse_ips(&["198.18.6.11"]), "{r:?}");
 }
@@ -211,7 +219,7 @@ async fn every_page_is_read_past_a_thousand_reservations() {
     let ep = localstack();
     // A region of its own, so the other tests' queries need not wade through these instances.
     let region = "ap-southeast-2";
-    let seed = Seed::new(region).await;
+    let seed = seed(region).await;
     let subnet = seed.subnet("198.18.64.0/20").await;
     let u = unique("pages");
     // LocalStack pages count reservations, so each instance gets its own RunInstances call.
@@ -234,20 +242,36 @@ async fn every_page_is_read_past_a_thousand_reservations() {
     }
     eprintln!("seeded {N} reservations in {:?}", started.elapsed());
 
-    let proxy = FaultProxy::start(&ep).await;
+    let proxy = proxy(&ep);
     let mut c = config(&format!("cluster={u}"), &proxy.url());
     c.region = Some(region.into());
     // LocalStack takes seconds to render a page of 1000 instances.
     c.call_timeout = Duration::from_secs(120);
     let d = AwsDiscovery::new(c, ctx("198.18.64.1", "198.18.64.0/20")).expect("config");
+    // Each page's candidates are handed over as the page arrives, before the round ends.
     let started = Instant::now();
-    let r = d.round(false).await.expect("round");
+    let pages = std::sync::Mutex::new(Vec::<(Duration, usize)>::new());
+    let on_page = |page: &[Candidate]| {
+        pages
+            .lock()
+            .expect("lock")
+            .push((started.elapsed(), page.len()))
+    };
+    let r = d.discover_pages(&on_page).await.expect("round");
+    let whole = started.elapsed();
+    let pages = pages.into_inner().expect("lock");
     eprintln!(
-        "read {} instances in {:?}",
+        "read {} instances in {whole:?}; pages handed over at {pages:?}",
         r.candidates.len(),
-        started.elapsed()
     );
     assert_eq!(r.candidates.len(), N, "every instance on every page");
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert_eq!(pages.iter().map(|p| p.1).sum::<usize>(), N);
+    assert_eq!(pages[0].1, 1000, "the first page is a whole page");
+    assert!(
+        pages[0].0 < whole,
+        "the first page came before the round ended"
+    );
     let seen = proxy.seen();
     assert!(
         seen.len() >= 2,
@@ -262,19 +286,19 @@ async fn every_page_is_read_past_a_thousand_reservations() {
 #[tokio::test]
 async fn throttling_backs_off_with_jitter_and_keeps_the_last_good_set() {
     let ep = localstack();
-    let seed = Seed::new(REGION).await;
+    let seed = seed(REGION).await;
     let subnet = seed.subnet("198.18.7.0/24").await;
     let u = unique("throttle");
     let tag = [("cluster", u.as_str())];
     seed.instance(&subnet, "198.18.7.11", &tag).await;
     seed.instance(&subnet, "198.18.7.12", &tag).await;
 
-    let proxy = FaultProxy::start(&ep).await;
+    let proxy = proxy(&ep);
     let mut c = config(&format!("cluster={u}"), &proxy.url());
     c.initial_jitter = Duration::ZERO;
     c.retry = Retry {
         attempts: 3,
-        first_backoff: Duration::from_millis(200),
+        min_backoff: Duration::from_millis(200),
         max_backoff: Duration::from_secs(2),
     };
     let d = AwsDiscovery::new(c, ctx("198.18.7.100", "198.18.7.0/24")).expect("config");
@@ -329,11 +353,11 @@ async fn throttling_backs_off_with_jitter_and_keeps_the_last_good_set() {
 #[tokio::test]
 async fn a_throttled_round_fails_as_throttled_and_an_auth_failure_names_the_permission() {
     let ep = localstack();
-    let proxy = FaultProxy::start(&ep).await;
+    let proxy = proxy(&ep);
     let mut c = config("cluster=unused", &proxy.url());
     c.retry = Retry {
         attempts: 2,
-        first_backoff: Duration::from_millis(50),
+        min_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(100),
     };
     let d = AwsDiscovery::new(c, ctx("198.18.8.1", "198.18.8.0/24")).expect("config");
@@ -387,71 +411,25 @@ async fn bad_flags_are_refused_with_the_fix() {
     assert!(e.to_string().contains("http://"), "{e}");
 }
 
-/// The child half of the IMDS test: runs with IMDS pointed at the fake and no region set.
-#[tokio::test]
-#[ignore = "run by the_region_comes_from_the_imds_identity_document in a child process"]
-async fn imds_child() {
-    let ep = std::env::var(ENDPOINT_ENV).expect("endpoint");
-    let tags = std::env::var("IMDS_CHILD_TAGS").expect("tags");
-    let want = std::env::var("IMDS_CHILD_WANT").expect("want");
-    let mut c = AwsConfig::new(tags);
-    c.endpoint = Some(ep);
-    let r = discover(c, ctx("198.18.10.1", "198.18.10.0/24")).await;
-    assert_eq!(ips(&r), parse_ips(&[want.as_str()]));
-}
-
 #[tokio::test]
 async fn the_region_comes_from_the_imds_identity_document() {
-    // Fails with instructions when LocalStack is not set up.
-    localstack();
+    let ep = localstack();
     let region = "eu-west-3";
-    let seed = Seed::new(region).await;
+    let seed = seed(region).await;
     let subnet = seed.subnet("198.18.10.0/24").await;
     let u = unique("imds");
     seed.instance(&subnet, "198.18.10.11", &[("cluster", &u)])
         .await;
-    let imds = FakeImds::start(region).await;
+    let imds = FakeImds::start(region).expect("imds");
 
-    // The fake insists on the IMDSv2 token, as EC2 does.
-    let mut s = tokio::net::TcpStream::connect(imds.addr)
-        .await
-        .expect("imds");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut s,
-        b"GET /latest/dynamic/instance-identity/document HTTP/1.1\r\nHost: x\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let mut answer = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer)
-        .await
-        .expect("read");
-    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-
-    let exe = std::env::current_exe().expect("test binary");
-    let out = tokio::process::Command::new(exe)
-        .args(["--ignored", "--exact", "imds_child", "--nocapture"])
-        .env_remove("AWS_REGION")
-        .env_remove("AWS_DEFAULT_REGION")
-        .env_remove("AWS_EC2_METADATA_DISABLED")
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url())
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("IMDS_CHILD_TAGS", format!("cluster={u}"))
-        .env("IMDS_CHILD_WANT", "198.18.10.11")
-        .output()
-        .await
-        .expect("run the child");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "child failed:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "the child test did not run:\n{text}"
-    );
+    // No flag and no AWS_REGION: the injected environment points IMDS at the fake, so this
+    // needs no child process with another environment.
+    let mut c = AwsConfig::new(format!("cluster={u}"));
+    c.endpoint = Some(ep);
+    c.env = AwsEnv::from_pairs([(METADATA_ENDPOINT_ENV, imds.url().as_str())]);
+    let d = AwsDiscovery::new(c, ctx("198.18.10.1", "198.18.10.0/24")).expect("config");
+    let r = d.discover().await.expect("discover");
+    assert_eq!(ips(&r), parse_ips(&["198.18.10.11"]));
     let log = imds.log();
     assert!(
         log.contains(&"PUT /latest/api/token 200".to_owned()),
@@ -461,4 +439,105 @@ async fn the_region_comes_from_the_imds_identity_document() {
         log.contains(&"GET /latest/dynamic/instance-identity/document 200".to_owned()),
         "{log:?}"
     );
+}
+
+#[tokio::test]
+async fn the_local_zone_comes_from_imds_and_a_bad_one_is_refused() {
+    let zone_of = |imds: &FakeImds| {
+        let mut c = AwsConfig::new("cluster=unused");
+        c.env = AwsEnv::from_pairs([(METADATA_ENDPOINT_ENV, imds.url().as_str())]);
+        AwsDiscovery::new(c, ctx("198.18.11.1", "198.18.11.0/24")).expect("config")
+    };
+    let imds = FakeImds::start_with_zone("eu-west-3", "eu-west-3b").expect("imds");
+    let d = zone_of(&imds);
+    assert_eq!(d.local_zone().await.as_deref(), Some("eu-west-3b"));
+    assert!(
+        imds.log()
+            .contains(&"GET /latest/meta-data/placement/availability-zone 200".to_owned()),
+        "{:?}",
+        imds.log()
+    );
+    // A zone that is not a zone name (control characters, say) is no zone.
+    let hostile = FakeImds::start_with_zone("eu-west-3", "eu\u{1b}[2J").expect("imds");
+    assert_eq!(zone_of(&hostile).local_zone().await, None);
+    // IMDS turned off, or nobody listening: no zone, within a bounded time.
+    let mut c = AwsConfig::new("cluster=unused");
+    c.env = AwsEnv::from_pairs([("AWS_EC2_METADATA_DISABLED", "true")]);
+    let off = AwsDiscovery::new(c, ctx("198.18.11.1", "198.18.11.0/24")).expect("config");
+    assert_eq!(off.local_zone().await, None);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let mut c = AwsConfig::new("cluster=unused");
+    c.env = AwsEnv::from_pairs([(METADATA_ENDPOINT_ENV, url.as_str())]);
+    let gone = AwsDiscovery::new(c, ctx("198.18.11.1", "198.18.11.0/24")).expect("config");
+    let started = Instant::now();
+    assert_eq!(gone.local_zone().await, None);
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn candidates_carry_their_zone_and_role_and_ipv6_nodes_get_ipv6_addresses() {
+    let ep = localstack();
+    let (seed, vpc6) = dual_stack_seed(REGION).await;
+    let u = unique("v6");
+    let (subnet, prefix) = seed.dual_stack_subnet("198.18.12.0/24", &vpc6).await;
+    let zone = seed.subnet_zone(&subnet).await;
+    let s = seed
+        .dual_stack_instance(
+            &subnet,
+            "198.18.12.11",
+            &[("cluster", &u), ("role", "scheduler")],
+        )
+        .await;
+    let w = seed
+        .dual_stack_instance(
+            &subnet,
+            "198.18.12.12",
+            &[("cluster", &u), ("role", "worker")],
+        )
+        .await;
+    let tags = format!("cluster={u}");
+
+    // An IPv4 node: the IPv4 addresses, with zone and role.
+    let r = discover(config(&tags, &ep), ctx("198.18.12.100", "198.18.12.0/24")).await;
+    assert_eq!(ips(&r), parse_ips(&["198.18.12.11", "198.18.12.12"]));
+    let by_id = |r: &discovery::Report, id: &str| -> Candidate {
+        r.candidates
+            .iter()
+            .find(|c| c.id.as_deref() == Some(id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} is not a candidate: {r:?}"))
+    };
+    assert_eq!(by_id(&r, &s).role, Some(Role::Scheduler));
+    assert_eq!(by_id(&r, &w).role, Some(Role::Worker));
+    assert!(
+        r.candidates
+            .iter()
+            .all(|c| c.zone.as_deref() == Some(zone.as_str())),
+        "{r:?}"
+    );
+
+    // An IPv6 node inside the subnet's /64: the interfaces' IPv6 addresses.
+    let net: std::net::Ipv6Addr = prefix
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("the subnet's /64");
+    let mut segments = net.segments();
+    segments[7] = 0xffff;
+    let node = std::net::Ipv6Addr::from(segments);
+    let v6 = discovery::Context::standalone(
+        "test",
+        Role::Worker,
+        node.into(),
+        8081,
+        Some(prefix.parse().expect("the subnet's /64")),
+    );
+    let r = discover(config(&tags, &ep), v6).await;
+    assert_eq!(r.candidates.len(), 2, "{r:?}");
+    assert!(r.candidates.iter().all(|c| c.ip.is_ipv6()), "{r:?}");
+    let want = seed.ipv6_of(&[s.clone(), w.clone()]).await;
+    assert_eq!(ips(&r), want);
+    assert_eq!(by_id(&r, &s).role, Some(Role::Scheduler));
 }

@@ -2,8 +2,10 @@
 //!
 //! The backend lists instances with `google-cloud-compute-v1` (`instances.list` per zone, or
 //! `instances.aggregatedList` for a whole region), filtering on the server with
-//! `(labels.K = "V") AND ... AND (status = RUNNING)` and reading every page. Each instance's
-//! `networkInterfaces[].networkIP` inside `--private_ip_selector` is a candidate, on every NIC.
+//! `(labels.K = "V") AND ... AND (status = RUNNING)` and reading every page. An instance is one
+//! candidate: the lowest of its NICs' `networkIP`s (or, on an IPv6 node, internal
+//! `ipv6Address`es) inside `--private_ip_selector` ([`Context::classify_host`]), with its zone
+//! and, from its `role` label, its role.
 //! Credentials are Application Default Credentials (`google-cloud-auth`): the metadata server
 //! on a VM, `GOOGLE_APPLICATION_CREDENTIALS` elsewhere. The project and the zone default to the
 //! metadata server's `project/project-id` and `instance/zone`.
@@ -13,10 +15,13 @@
 //! zones are refreshed; when every zone fails the round fails and the refresh loop keeps the
 //! last good set. 401 and 403 name the credential, permission or access scope to fix.
 //!
-//! [`Discover::watch`] runs lean rounds (one filtered listing per zone). [`Discover::discover`]
-//! (used by `node discover`) also explains what was left out: it lists again without the
-//! status term (instances that are not running) and without any filter (instances whose
-//! labels the server did not match), a bounded number of pages each.
+//! [`Discover::discover`] (the refresh loop's round) is one filtered listing per zone;
+//! [`Discover::discover_pages`] hands each page's candidates on as it arrives, so a starting
+//! node joins its first peers after one page. [`Discover::explain`] (`node discover`) also
+//! says what was left out: it lists again without the status term (instances that are not
+//! running) and without any filter (instances whose labels the server did not match), a
+//! bounded number of pages each. [`Discover::local_zone`] is the metadata server's
+//! `instance/zone`.
 
 pub mod labels;
 pub mod metadata;
@@ -26,19 +31,22 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use discovery::Retry;
 use discovery::{
-    BoxFuture, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver, Report,
-    Snapshot,
+    BoxFuture, Candidate, Context, Discover, DiscoveryError, Exclusion, OnPage, Report, Role,
 };
 use google_cloud_compute_v1::client::Instances;
 use google_cloud_compute_v1::model::Instance;
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::OnceCell;
 
 pub use labels::{LabelMatch, parse_labels};
 
 const BACKEND: &str = "gcp";
 /// The Compute API's public endpoint, used when `--gcp_endpoint` is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://compute.googleapis.com";
+/// The instance label that tells a peer's role (`scheduler` or `worker`), as
+/// `deploy/gcp/instance-template.sh` sets it.
+pub const ROLE_LABEL: &str = "role";
 
 /// Why the GCP backend cannot be configured or started.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +76,7 @@ pub enum GcpError {
     ZonesAndRegion,
     /// A setting was not given and the metadata server could not provide it.
     #[error(
-        "{what} is not set and the GCE metadata server could not tell it ({cause}); off GCE, set {flags} (and GOOGLE_APPLICATION_CREDENTIALS for credentials), or point GCE_METADATA_HOST at a metadata server"
+        "{what} is not set and the GCE metadata server could not tell it; off GCE, set {flags} (and GOOGLE_APPLICATION_CREDENTIALS for credentials), or point GCE_METADATA_HOST at a metadata server"
     )]
     NoMetadata {
         /// What was needed.
@@ -76,47 +84,41 @@ pub enum GcpError {
         /// The flags that provide it.
         flags: &'static str,
         /// Why the metadata server did not answer.
-        cause: String,
+        #[source]
+        cause: metadata::MetadataError,
     },
     /// The credentials could not be loaded.
     #[error(
-        "cannot load Application Default Credentials: {0}; on GCE attach a service account to the VM, elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service account key file"
+        "cannot load Application Default Credentials; on GCE attach a service account to the VM, elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service account key file"
     )]
-    Credentials(String),
+    Credentials(#[source] google_cloud_auth::build_errors::Error),
     /// The Compute client could not be built.
-    #[error("cannot build the compute client for {endpoint}: {cause}; check --gcp_endpoint")]
+    #[error("cannot build the compute client for {endpoint}; check --gcp_endpoint")]
     Client {
         /// The endpoint.
         endpoint: String,
         /// The builder's error.
-        cause: String,
+        #[source]
+        cause: google_cloud_gax::client_builder::Error,
+    },
+    /// The project or a zone does not exist (404).
+    #[error(
+        "gcp: {location} of project {project} was not found; check --gcp_project and --gcp_zones or --gcp_region"
+    )]
+    NotFound {
+        /// `zone Z` or `region R`.
+        location: String,
+        /// The project.
+        project: String,
+        /// The API's answer.
+        #[source]
+        source: google_cloud_compute_v1::Error,
     },
 }
 
 impl From<GcpError> for DiscoveryError {
     fn from(e: GcpError) -> Self {
-        DiscoveryError::Config(e.to_string())
-    }
-}
-
-/// How per-page retries back off.
-#[derive(Debug, Clone)]
-pub struct Retry {
-    /// Attempts per page, the first included. At least 1.
-    pub attempts: u32,
-    /// The first backoff; it doubles after each failed attempt.
-    pub min_backoff: Duration,
-    /// The largest backoff.
-    pub max_backoff: Duration,
-}
-
-impl Default for Retry {
-    fn default() -> Self {
-        Self {
-            attempts: 4,
-            min_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(4),
-        }
+        DiscoveryError::Config(Box::new(e))
     }
 }
 
@@ -142,7 +144,7 @@ pub struct Config {
     pub page_size: u32,
     /// The limit on one HTTP attempt.
     pub request_timeout: Duration,
-    /// Per-page retries.
+    /// Per-page retries (4 attempts, 500 ms doubling to 8 s by default).
     pub retry: Retry,
     /// The most pages read from one listing; a bound, not a expected size (500 per page).
     pub max_pages: u32,
@@ -168,14 +170,18 @@ impl Default for Config {
     }
 }
 
-fn check_location(flag: &'static str, value: &str) -> Result<(), GcpError> {
-    let ok = !value.is_empty()
+/// Whether `value` has the form of a GCE zone or region name.
+fn valid_location(value: &str) -> bool {
+    !value.is_empty()
         && value.len() <= 63
         && value
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && value.starts_with(|c: char| c.is_ascii_lowercase());
-    if ok {
+        && value.starts_with(|c: char| c.is_ascii_lowercase())
+}
+
+fn check_location(flag: &'static str, value: &str) -> Result<(), GcpError> {
+    if valid_location(value) {
         Ok(())
     } else {
         Err(GcpError::BadLocation {
@@ -221,19 +227,17 @@ struct Seen {
     name: String,
     status: String,
     labels: HashMap<String, String>,
-    ips: Vec<(String, IpAddr)>,
+    /// Every NIC's `networkIP` and internal `ipv6Address`, in NIC order.
+    addrs: Vec<IpAddr>,
 }
 
 impl Seen {
     fn from_instance(zone: &str, i: &Instance) -> Seen {
-        let ips = i
+        let addrs = i
             .network_interfaces
             .iter()
-            .enumerate()
-            .filter_map(|(n, nic)| {
-                let ip = nic.network_ip.as_deref()?.parse().ok()?;
-                Some((nic.name.clone().unwrap_or_else(|| format!("nic{n}")), ip))
-            })
+            .flat_map(|nic| [nic.network_ip.as_deref(), nic.ipv_6_address.as_deref()])
+            .filter_map(|a| a?.parse().ok())
             .collect();
         Seen {
             zone: zone.to_owned(),
@@ -245,19 +249,30 @@ impl Seen {
                 .unwrap_or("UNKNOWN")
                 .to_owned(),
             labels: i.labels.clone(),
-            ips,
+            addrs,
         }
     }
 
     fn id(&self) -> String {
         format!("{}/{}", self.zone, self.name)
     }
+
+    /// The `role` label, when it names a role.
+    fn role(&self) -> Option<Role> {
+        match self.labels.get(ROLE_LABEL)?.as_str() {
+            "scheduler" => Some(Role::Scheduler),
+            "worker" => Some(Role::Worker),
+            _ => None,
+        }
+    }
 }
 
 /// A listing failure, before it is worded for the operator.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum Failure {
+    #[error(transparent)]
     Api(google_cloud_compute_v1::Error),
+    #[error("no answer within {} ms", .0.as_millis())]
     TimedOut(Duration),
 }
 
@@ -328,9 +343,11 @@ fn explain(f: Failure, t: &Target<'_>) -> DiscoveryError {
                 "permission compute.instances.list is missing in project {project} ({msg}); grant the VM's service account a role that has it: gcloud projects add-iam-policy-binding {project} --member=serviceAccount:SA_EMAIL --role=roles/compute.viewer (or the smaller custom role in deploy/gcp/discovery-role.yaml)"
             ),
         },
-        Some(404) => DiscoveryError::Config(format!(
-            "gcp: {location} of project {project} was not found ({msg}); check --gcp_project and --gcp_zones or --gcp_region"
-        )),
+        Some(404) => DiscoveryError::Config(Box::new(GcpError::NotFound {
+            location: location.clone(),
+            project: project.to_string(),
+            source: e,
+        })),
         Some(429) => DiscoveryError::Throttled {
             backend: BACKEND,
             message: format!("listing instances in {location} of project {project}: {msg}"),
@@ -485,7 +502,7 @@ impl GcpDiscovery {
                 .with_endpoint(format!("http://{host}"))
                 .build(),
         }
-        .map_err(|e| GcpError::Credentials(e.to_string()))?;
+        .map_err(GcpError::Credentials)?;
         Instances::builder()
             .with_endpoint(self.endpoint.clone())
             .with_credentials(creds)
@@ -495,54 +512,55 @@ impl GcpDiscovery {
             .with_attempt_timeout(self.config.request_timeout)
             .build()
             .await
-            .map_err(|e| GcpError::Client {
+            .map_err(|cause| GcpError::Client {
                 endpoint: self.endpoint.clone(),
-                cause: e.to_string(),
+                cause,
             })
     }
 
-    /// Runs one API call with the per-page retry policy.
-    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, Failure>
+    /// Runs one API call (one page of `location`) with the per-page retry policy.
+    async fn call<T, F, Fut>(&self, location: &str, mut f: F) -> Result<T, Failure>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, google_cloud_compute_v1::Error>>,
     {
-        let retry = &self.config.retry;
-        let mut backoff = retry.min_backoff;
         let limit = self.config.request_timeout + Duration::from_secs(5);
-        let mut attempt = 1;
-        loop {
-            let failure = match tokio::time::timeout(limit, f()).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => Failure::Api(e),
-                Err(_) => Failure::TimedOut(limit),
-            };
-            if attempt >= retry.attempts || !failure.retryable() {
-                return Err(failure);
-            }
-            // Equal jitter: at least half the backoff, so retries stay spread out.
-            let pause = backoff / 2 + discovery::jitter(backoff / 2);
-            tracing::debug!(attempt, pause_ms = pause.as_millis() as u64, failure = ?failure, "gcp: retrying");
-            tokio::time::sleep(pause).await;
-            backoff = (backoff * 2).min(retry.max_backoff);
-            attempt += 1;
-        }
+        let what = format!("listing instances in {location}");
+        self.config
+            .retry
+            .run(
+                BACKEND,
+                &what,
+                || {
+                    let attempt = f();
+                    async move {
+                        match tokio::time::timeout(limit, attempt).await {
+                            Ok(r) => r.map_err(Failure::Api),
+                            Err(_) => Err(Failure::TimedOut(limit)),
+                        }
+                    }
+                },
+                Failure::retryable,
+            )
+            .await
     }
 
-    /// Lists one zone with `filter`, every page up to `max_pages`; the flag says whether the
-    /// listing was cut at that bound.
+    /// Lists one zone with `filter`, every page up to `max_pages`, handing each page to
+    /// `on_page`; the flag says whether the listing was cut at that bound.
     async fn list_zone(
         &self,
         r: &Resolved,
         zone: &str,
         filter: &str,
         max_pages: u32,
+        on_page: Option<SeenPage<'_>>,
     ) -> Result<(Vec<Seen>, bool), Failure> {
         let mut out = Vec::new();
         let mut token = String::new();
+        let location = format!("zone {zone}");
         for _ in 0..max_pages {
             let page = self
-                .call(|| {
+                .call(&location, || {
                     let mut req = r
                         .client
                         .list()
@@ -558,7 +576,15 @@ impl GcpDiscovery {
                     req.send()
                 })
                 .await?;
-            out.extend(page.items.iter().map(|i| Seen::from_instance(zone, i)));
+            let seen: Vec<Seen> = page
+                .items
+                .iter()
+                .map(|i| Seen::from_instance(zone, i))
+                .collect();
+            if let Some(f) = on_page {
+                f(&seen);
+            }
+            out.extend(seen);
             match page.next_page_token {
                 Some(t) if !t.is_empty() => token = t,
                 _ => return Ok((out, false)),
@@ -567,22 +593,25 @@ impl GcpDiscovery {
         Ok((out, true))
     }
 
-    /// Lists the region's zones through `aggregatedList`. Zones the API marks unreachable are
-    /// returned in the second list.
+    /// Lists the region's zones through `aggregatedList`, handing each page to `on_page`.
+    /// Zones the API marks unreachable are returned in the second list.
     async fn list_region(
         &self,
         r: &Resolved,
         region: &str,
         filter: &str,
         max_pages: u32,
+        on_page: Option<SeenPage<'_>>,
     ) -> Result<(BTreeMap<String, Vec<Seen>>, Vec<String>, bool), Failure> {
         let prefix = format!("zones/{region}-");
         let mut zones: BTreeMap<String, Vec<Seen>> = BTreeMap::new();
         let mut unreachable: Vec<String> = Vec::new();
         let mut token = String::new();
+        let location = format!("region {region}");
+        let mut truncated = true;
         for _ in 0..max_pages {
             let page = self
-                .call(|| {
+                .call(&location, || {
                     let mut req = r
                         .client
                         .aggregated_list()
@@ -597,20 +626,22 @@ impl GcpDiscovery {
                     req.send()
                 })
                 .await?;
+            let mut seen_on_page = Vec::new();
             for (key, scoped) in &page.items {
                 let Some(zone) = key.strip_prefix("zones/") else {
                     continue;
                 };
-                if !key.starts_with(&prefix) {
+                // The key becomes the candidates' zone: only a zone name of this region counts.
+                if !key.starts_with(&prefix) || !valid_location(zone) {
                     continue;
                 }
-                let entry = zones.entry(zone.to_owned()).or_default();
-                entry.extend(
-                    scoped
-                        .instances
-                        .iter()
-                        .map(|i| Seen::from_instance(zone, i)),
-                );
+                let seen: Vec<Seen> = scoped
+                    .instances
+                    .iter()
+                    .map(|i| Seen::from_instance(zone, i))
+                    .collect();
+                seen_on_page.extend(seen.iter().cloned());
+                zones.entry(zone.to_owned()).or_default().extend(seen);
                 let warned_unreachable = scoped
                     .warning
                     .as_ref()
@@ -629,20 +660,21 @@ impl GcpDiscovery {
                     unreachable.push(zone.to_owned());
                 }
             }
+            if let Some(f) = on_page {
+                f(&seen_on_page);
+            }
             match page.next_page_token {
                 Some(t) if !t.is_empty() => token = t,
                 _ => {
-                    for u in &unreachable {
-                        zones.remove(u);
-                    }
-                    return Ok((zones, unreachable, false));
+                    truncated = false;
+                    break;
                 }
             }
         }
         for u in &unreachable {
             zones.remove(u);
         }
-        Ok((zones, unreachable, true))
+        Ok((zones, unreachable, truncated))
     }
 
     /// One listing of every zone in scope with `filter`: per zone, its instances or its error.
@@ -651,38 +683,29 @@ impl GcpDiscovery {
         r: &Resolved,
         filter: &str,
         max_pages: u32,
+        on_page: Option<SeenPage<'_>>,
     ) -> Result<Vec<(String, Result<(Vec<Seen>, bool), DiscoveryError>)>, DiscoveryError> {
+        let target = |location: String| Target {
+            project: &r.project,
+            location,
+            endpoint: &self.endpoint,
+        };
         match &r.scope {
             Scope::Zones(zones) => {
                 let listings = zones.iter().map(|z| async move {
-                    let res = self.list_zone(r, z, filter, max_pages).await.map_err(|f| {
-                        explain(
-                            f,
-                            &Target {
-                                project: &r.project,
-                                location: format!("zone {z}"),
-                                endpoint: &self.endpoint,
-                            },
-                        )
-                    });
+                    let res = self
+                        .list_zone(r, z, filter, max_pages, on_page)
+                        .await
+                        .map_err(|f| explain(f, &target(format!("zone {z}"))));
                     (z.clone(), res)
                 });
                 Ok(futures::future::join_all(listings).await)
             }
             Scope::Region(region) => {
                 let (zones, unreachable, truncated) = self
-                    .list_region(r, region, filter, max_pages)
+                    .list_region(r, region, filter, max_pages, on_page)
                     .await
-                    .map_err(|f| {
-                        explain(
-                            f,
-                            &Target {
-                                project: &r.project,
-                                location: format!("region {region}"),
-                                endpoint: &self.endpoint,
-                            },
-                        )
-                    })?;
+                    .map_err(|f| explain(f, &target(format!("region {region}"))))?;
                 let mut out: Vec<_> = zones
                     .into_iter()
                     .map(|(z, seen)| (z, Ok((seen, truncated))))
@@ -703,11 +726,30 @@ impl GcpDiscovery {
         }
     }
 
-    /// One round. `explain` adds the exclusions that need extra listings.
-    pub async fn round(&self, explain: bool) -> Result<Report, DiscoveryError> {
+    /// The refresh loop's round: one filtered listing per zone (each page handed to `on_page`
+    /// as candidates), a failing zone's last good instances kept. Returns the report and the
+    /// running instances, which [`Discover::explain`] explains further.
+    async fn listed(
+        &self,
+        on_page: Option<OnPage<'_>>,
+    ) -> Result<(&Resolved, Report, Vec<Seen>), DiscoveryError> {
         let r = self.resolve().await?;
+        let publish = |seen: &[Seen]| {
+            if let Some(f) = on_page {
+                let mut page = Report::default();
+                self.classify(seen, &mut page);
+                if !page.candidates.is_empty() {
+                    f(&page.candidates);
+                }
+            }
+        };
         let listed = self
-            .list_all(r, &self.running_filter, self.config.max_pages)
+            .list_all(
+                r,
+                &self.running_filter,
+                self.config.max_pages,
+                on_page.map(|_| &publish as SeenPage<'_>),
+            )
             .await?;
         let mut report = Report::default();
         let mut running: Vec<Seen> = Vec::new();
@@ -744,7 +786,7 @@ impl GcpDiscovery {
                             zone,
                             kept = kept.len(),
                             "gcp: listing a zone failed, keeping its last good instances: {}",
-                            discovery::escape_untrusted(&e.to_string())
+                            discovery::escape_untrusted(&discovery::Chain(&e).to_string())
                         );
                         report.excluded.push(Exclusion {
                             id: format!("zone {zone}"),
@@ -764,59 +806,23 @@ impl GcpDiscovery {
             return Err(pick_error(failures));
         }
         self.classify(&running, &mut report);
-        if explain {
-            self.explain_exclusions(r, &running, &mut report).await;
-        }
-        report
-            .candidates
-            .sort_by(|a, b| (a.ip, &a.id).cmp(&(b.ip, &b.id)));
-        report
-            .candidates
-            .dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
-        Ok(report)
+        Ok((r, report, running))
     }
 
-    /// Turns running instances into candidates and exclusions (self, no IP in the selector).
+    /// Turns running instances into candidates and exclusions: one candidate per instance
+    /// ([`Context::classify_host`]), with its zone and role.
     fn classify(&self, running: &[Seen], report: &mut Report) {
         for s in running {
-            if s.ips.iter().any(|(_, ip)| *ip == self.ctx.private_ip) {
-                report.excluded.push(Exclusion {
-                    id: s.id(),
-                    reason: "self".into(),
-                });
-                continue;
-            }
-            if s.ips.is_empty() {
-                report.excluded.push(Exclusion {
-                    id: s.id(),
-                    reason: "no network interface with a networkIP".into(),
-                });
-                continue;
-            }
-            let mut found = false;
-            for (nic, ip) in &s.ips {
-                if let Ok(c) =
-                    self.ctx
-                        .classify(format!("{}/{nic}", s.id()), *ip, self.ctx.private_port)
-                {
-                    report.candidates.push(c);
-                    found = true;
-                }
-            }
-            if !found {
-                let ips: Vec<String> = s.ips.iter().map(|(_, ip)| ip.to_string()).collect();
-                let sel = self
-                    .ctx
-                    .selector
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "-".into());
-                report.excluded.push(Exclusion {
-                    id: s.id(),
-                    reason: format!(
-                        "no networkIP inside --private_ip_selector {sel} (has {})",
-                        ips.join(", ")
-                    ),
-                });
+            match self
+                .ctx
+                .classify_host(s.id(), &s.addrs, self.ctx.private_port)
+            {
+                Ok(c) => report.candidates.push(Candidate {
+                    role: s.role(),
+                    zone: Some(s.zone.clone()),
+                    ..c
+                }),
+                Err(x) => report.excluded.push(x),
             }
         }
     }
@@ -827,7 +833,7 @@ impl GcpDiscovery {
         let pages = self.config.explain_pages.max(1);
         let key = |s: &Seen| (s.zone.clone(), s.name.clone());
         let running_keys: Vec<(String, String)> = running.iter().map(key).collect();
-        let labelled = match self.list_all(r, &self.labels_filter, pages).await {
+        let labelled = match self.list_all(r, &self.labels_filter, pages, None).await {
             Ok(l) => l,
             Err(e) => {
                 report.excluded.push(Exclusion {
@@ -860,7 +866,7 @@ impl GcpDiscovery {
             }
         }
         if !self.config.labels.is_empty() {
-            match self.list_all(r, "", pages).await {
+            match self.list_all(r, "", pages, None).await {
                 Ok(all) => {
                     for (zone, res) in all {
                         match res {
@@ -904,7 +910,21 @@ impl GcpDiscovery {
             });
         }
     }
+
+    /// A round's report in a stable order.
+    fn finish(mut report: Report) -> Report {
+        report
+            .candidates
+            .sort_by(|a, b| (a.ip, &a.id).cmp(&(b.ip, &b.id)));
+        report
+            .candidates
+            .dedup_by(|a, b| a.ip == b.ip && a.port == b.port);
+        report
+    }
 }
+
+/// What a listing hands each page's instances to.
+type SeenPage<'a> = &'a (dyn Fn(&[Seen]) + Send + Sync);
 
 /// Picks the error to report when every zone failed: a permanent one first, since it needs
 /// the operator.
@@ -916,40 +936,49 @@ fn pick_error(mut failures: Vec<(String, DiscoveryError)>) -> DiscoveryError {
     failures.swap_remove(idx).1
 }
 
-/// The refresh loop's view of the backend: lean rounds, no explanations.
-#[derive(Debug)]
-struct Lean(Arc<GcpDiscovery>);
-
-impl Discover for Lean {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
-
-    fn discover(&self) -> BoxFuture<'_, Result<Report, DiscoveryError>> {
-        Box::pin(self.0.round(false))
-    }
-}
-
 impl Discover for GcpDiscovery {
     fn name(&self) -> &'static str {
         BACKEND
     }
 
     fn discover(&self) -> BoxFuture<'_, Result<Report, DiscoveryError>> {
-        Box::pin(self.round(true))
+        Box::pin(async move {
+            let (_, report, _) = self.listed(None).await?;
+            Ok(Self::finish(report))
+        })
     }
 
-    fn watch(
-        self: Arc<Self>,
-        refresh: Refresh,
-        tx: watch::Sender<Snapshot>,
-        observer: Arc<dyn RefreshObserver>,
-    ) -> BoxFuture<'static, ()> {
-        Box::pin(discovery::poll_loop(
-            Arc::new(Lean(self)),
-            refresh,
-            tx,
-            observer,
-        ))
+    fn discover_pages<'a>(
+        &'a self,
+        on_page: OnPage<'a>,
+    ) -> BoxFuture<'a, Result<Report, DiscoveryError>> {
+        Box::pin(async move {
+            let (_, report, _) = self.listed(Some(on_page)).await?;
+            Ok(Self::finish(report))
+        })
+    }
+
+    fn explain(&self) -> BoxFuture<'_, Result<Report, DiscoveryError>> {
+        Box::pin(async move {
+            let (r, mut report, running) = self.listed(None).await?;
+            self.explain_exclusions(r, &running, &mut report).await;
+            Ok(Self::finish(report))
+        })
+    }
+
+    fn local_zone(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            // One attempt: the node waits for this only briefly at start-up.
+            match self.metadata.clone().once().zone().await {
+                Ok(z) => Some(z),
+                Err(e) => {
+                    tracing::info!(
+                        "gcp: this VM's zone is unknown: {}",
+                        discovery::escape_untrusted(&discovery::Chain(&e).to_string())
+                    );
+                    None
+                }
+            }
+        })
     }
 }

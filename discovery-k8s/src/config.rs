@@ -29,6 +29,10 @@ pub struct ConfigEnv {
     pub kubeconfig: Option<OsString>,
     /// `HOME`, for `~/.kube/config`.
     pub home: Option<PathBuf>,
+    /// This pod's name, for its node's zone: `POD_NAME` (the downward API's `metadata.name`,
+    /// which the manifests set), else `HOSTNAME` (the pod name unless the pod sets a
+    /// hostname or uses the host's network).
+    pub pod_name: Option<String>,
 }
 
 impl ConfigEnv {
@@ -41,6 +45,10 @@ impl ConfigEnv {
                 .unwrap_or_else(|| PathBuf::from(SERVICE_ACCOUNT_DIR)),
             kubeconfig: std::env::var_os("KUBECONFIG"),
             home: std::env::var_os("HOME").map(PathBuf::from),
+            pod_name: ["POD_NAME", "HOSTNAME"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok())
+                .find(|n| !n.is_empty()),
         }
     }
 }

@@ -5,20 +5,26 @@
 //! pod change reaches the candidate set as soon as the API server streams it. When the watch
 //! fails (network, `410 Gone`, no `watch` permission) it lists again after a jittered backoff,
 //! which degrades to a periodic list at `--discovery_refresh`; `410`s in a row back off too. A
-//! failure never clears the published set.
+//! failure never clears the published set. The first list publishes each page as it arrives,
+//! so a starting node joins its first peers after one page.
+//!
+//! Zones: a pod's zone is its node's `topology.kubernetes.io/zone`, read with `GET` on the
+//! node (cluster-scoped, so it needs a ClusterRole) and cached. When nodes may not be read
+//! (403), that is logged once at info and candidates carry no zone; discovery goes on.
+//! [`Discover::local_zone`] reads this pod (`POD_NAME` or `HOSTNAME`) and then its node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use discovery::{
-    BoxFuture, Context, Discover, DiscoveryError, Refresh, RefreshObserver, Report, Snapshot,
-    escape_untrusted, jitter,
+    Backoff, BoxFuture, Context, Discover, DiscoveryError, OnPage, Refresh, RefreshObserver,
+    Report, Snapshot, escape_untrusted, jitter,
 };
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ListParams, WatchEvent, WatchParams};
 use kube::{Api, Resource};
@@ -28,6 +34,7 @@ use tokio::sync::{OnceCell, watch};
 pub mod classify;
 pub mod config;
 
+pub use classify::NodeZones;
 pub use config::{ConfigEnv, ConfigSource};
 
 const BACKEND: &str = "k8s";
@@ -39,6 +46,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PAGES: usize = 10_000;
 /// The longest pause before listing again after `410 Gone` (and at most `--discovery_refresh`).
 const GONE_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The longest one `GET` of a node or of this pod may take.
+const GET_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many nodes are read at once.
+const NODE_READS_IN_FLIGHT: usize = 8;
+/// The most nodes one report reads; the others wait for the next report.
+const MAX_NODE_READS: usize = 1000;
+/// The most nodes whose zone is cached; the cache starts over beyond it.
+const MAX_CACHED_NODES: usize = 10_000;
+/// How long nodes are not asked again after a 403.
+const NODES_DENIED_FOR: Duration = Duration::from_secs(600);
+/// The RBAC rule that reading node zones needs.
+const NODES_RULE: &str =
+    "ClusterRole rule {apiGroups: [\"\"], resources: [\"nodes\"], verbs: [\"get\", \"list\"]}";
 
 /// Why the Kubernetes backend cannot be configured.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +118,7 @@ pub enum K8sError {
 
 impl From<K8sError> for DiscoveryError {
     fn from(e: K8sError) -> Self {
-        DiscoveryError::Config(e.to_string())
+        DiscoveryError::Config(Box::new(e))
     }
 }
 
@@ -164,6 +184,17 @@ impl Settings {
     }
 }
 
+/// Whether `s` is a valid object name (a DNS subdomain: at most 253 of lowercase letters,
+/// digits, `-` and `.`), so it can go into a request path as it is.
+fn valid_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 fn valid_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -188,8 +219,11 @@ trait Kind:
     fn report<'a>(
         ctx: &Context,
         include_not_ready: bool,
+        zones: &NodeZones,
         items: impl Iterator<Item = &'a Self>,
     ) -> Report;
+    /// The nodes whose zone this object's candidates need.
+    fn nodes(&self) -> impl Iterator<Item = &str>;
 }
 
 impl Kind for Pod {
@@ -198,9 +232,16 @@ impl Kind for Pod {
     fn report<'a>(
         ctx: &Context,
         include_not_ready: bool,
+        zones: &NodeZones,
         items: impl Iterator<Item = &'a Self>,
     ) -> Report {
-        classify::pods(ctx, include_not_ready, items)
+        classify::pods(ctx, include_not_ready, zones, items)
+    }
+    fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .into_iter()
     }
 }
 
@@ -209,10 +250,29 @@ impl Kind for EndpointSlice {
     fn report<'a>(
         ctx: &Context,
         include_not_ready: bool,
+        zones: &NodeZones,
         items: impl Iterator<Item = &'a Self>,
     ) -> Report {
-        classify::endpoint_slices(ctx, include_not_ready, items)
+        classify::endpoint_slices(ctx, include_not_ready, zones, items)
     }
+    /// Only endpoints without a `zone` of their own need their node.
+    fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.zone.is_none())
+            .filter_map(|e| e.node_name.as_deref())
+    }
+}
+
+/// What is known of node zones.
+#[derive(Debug, Default)]
+struct ZoneCache {
+    /// Node name to its zone label; `None` when the node has none or is gone.
+    known: HashMap<String, Option<String>>,
+    /// Nodes were refused (403) and are not asked again before this.
+    denied_until: Option<Instant>,
+    /// The refusal was logged.
+    told: bool,
 }
 
 struct Connected {
@@ -235,6 +295,7 @@ pub struct K8sDiscovery {
     env: ConfigEnv,
     ctx: Context,
     connected: OnceCell<Connected>,
+    zones: Mutex<ZoneCache>,
 }
 
 /// The objects one list or watch holds, by name.
@@ -260,6 +321,7 @@ impl K8sDiscovery {
             env,
             ctx,
             connected: OnceCell::new(),
+            zones: Mutex::new(ZoneCache::default()),
         })
     }
 
@@ -279,6 +341,7 @@ impl K8sDiscovery {
             env: ConfigEnv::default(),
             ctx,
             connected: OnceCell::new_with(Some(Connected { client, namespace })),
+            zones: Mutex::new(ZoneCache::default()),
         }))
     }
 
@@ -315,7 +378,11 @@ impl K8sDiscovery {
     }
 
     /// Lists every matching object, page by page; returns them and the list's resourceVersion.
-    async fn list_all<K: Kind>(&self) -> Result<(Objects<K>, String), DiscoveryError> {
+    /// Each page's candidates go to `on_page` as the page arrives.
+    async fn list_all<K: Kind>(
+        &self,
+        on_page: Option<OnPage<'_>>,
+    ) -> Result<(Objects<K>, String), DiscoveryError> {
         let conn = self.connected().await?;
         let api: Api<K> = Api::namespaced(conn.client.clone(), &conn.namespace);
         let mut params = ListParams::default()
@@ -337,6 +404,12 @@ impl K8sDiscovery {
                     });
                 }
             };
+            if let Some(f) = on_page {
+                let report = self.report(page.items.iter()).await;
+                if !report.candidates.is_empty() {
+                    f(&report.candidates);
+                }
+            }
             for item in page.items {
                 let name = item.meta().name.clone().unwrap_or_default();
                 objects.insert(name, item);
@@ -356,13 +429,173 @@ impl K8sDiscovery {
         })
     }
 
-    fn report<K: Kind>(&self, objects: &Objects<K>) -> Report {
-        K::report(&self.ctx, self.settings.include_not_ready, objects.values())
+    /// Sorts objects into candidates and exclusions, with the zones of their nodes.
+    async fn report<'a, K: Kind>(&self, items: impl Iterator<Item = &'a K> + Clone) -> Report {
+        let zones = self.node_zones(items.clone().flat_map(|o| o.nodes())).await;
+        K::report(&self.ctx, self.settings.include_not_ready, &zones, items)
     }
 
-    async fn discover_kind<K: Kind>(&self) -> Result<Report, DiscoveryError> {
-        let (objects, _) = self.list_all::<K>().await?;
-        Ok(self.report(&objects))
+    /// The zones of `nodes`, from the cache or read from the API (`GET` per node, a few at a
+    /// time). A 403 is logged once; nodes are then not asked again for a while.
+    async fn node_zones<'a>(&self, nodes: impl Iterator<Item = &'a str>) -> NodeZones {
+        // A name that is not a node name is never read (it would go into the request path).
+        let mut wanted: Vec<&str> = nodes.filter(|n| valid_object_name(n)).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let missing: Vec<String> = {
+            let cache = self.zones.lock().unwrap_or_else(|p| p.into_inner());
+            let denied = cache.denied_until.is_some_and(|t| Instant::now() < t);
+            if denied {
+                Vec::new()
+            } else {
+                wanted
+                    .iter()
+                    .filter(|n| !cache.known.contains_key(**n))
+                    .take(MAX_NODE_READS)
+                    .map(|n| n.to_string())
+                    .collect()
+            }
+        };
+        if !missing.is_empty() {
+            self.read_nodes(missing).await;
+        }
+        let cache = self.zones.lock().unwrap_or_else(|p| p.into_inner());
+        wanted
+            .into_iter()
+            .filter_map(|n| Some((n.to_owned(), cache.known.get(n)?.clone()?)))
+            .collect()
+    }
+
+    /// Reads the zone labels of `nodes` into the cache. The first node is read alone, so a
+    /// service account that may not read nodes costs one request, not one per node.
+    async fn read_nodes(&self, nodes: Vec<String>) {
+        let Ok(conn) = self.connected().await else {
+            return;
+        };
+        let api: Api<Node> = Api::all(conn.client.clone());
+        let read = |name: String| {
+            let api = api.clone();
+            async move {
+                let got = tokio::time::timeout(GET_TIMEOUT, api.get_opt(&name)).await;
+                (name, got)
+            }
+        };
+        let mut rest = nodes.into_iter();
+        let Some(first) = rest.next() else { return };
+        let first = read(first).await;
+        if !self.note_node(first) {
+            return;
+        }
+        let mut reads = futures::stream::iter(rest)
+            .map(read)
+            .buffer_unordered(NODE_READS_IN_FLIGHT);
+        while let Some(r) = reads.next().await {
+            if !self.note_node(r) {
+                return;
+            }
+        }
+    }
+
+    /// Records one node read; false when nodes may not be read (stop asking).
+    fn note_node(
+        &self,
+        (name, got): (
+            String,
+            Result<Result<Option<Node>, kube::Error>, tokio::time::error::Elapsed>,
+        ),
+    ) -> bool {
+        let mut cache = self.zones.lock().unwrap_or_else(|p| p.into_inner());
+        let zone = match got {
+            Ok(Ok(Some(node))) => node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(classify::ZONE_LABEL))
+                .and_then(|z| classify::clean_zone(z)),
+            // The node is gone; its pods will be too.
+            Ok(Ok(None)) => None,
+            Ok(Err(kube::Error::Api(status))) if status.code == 401 || status.code == 403 => {
+                cache.denied_until = Some(Instant::now() + NODES_DENIED_FOR);
+                if !cache.told {
+                    cache.told = true;
+                    tracing::info!(
+                        backend = BACKEND,
+                        "cannot read nodes ({} {}), so candidates carry no zone; discovery goes on. To add zones, bind a {NODES_RULE} to the node's service account (see deploy/k8s/rbac.yaml)",
+                        status.code,
+                        escape_untrusted(&status.message)
+                    );
+                }
+                return false;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(
+                    backend = BACKEND,
+                    "reading node {} failed: {}",
+                    escape_untrusted(&name),
+                    escape_untrusted(&discovery::Chain(&e).to_string())
+                );
+                return true;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    backend = BACKEND,
+                    "reading node {} timed out",
+                    escape_untrusted(&name)
+                );
+                return true;
+            }
+        };
+        if cache.known.len() >= MAX_CACHED_NODES {
+            cache.known.clear();
+        }
+        cache.known.insert(name, zone);
+        cache.denied_until = None;
+        true
+    }
+
+    /// This pod's node's zone: `GET` on this pod (named by `POD_NAME` or `HOSTNAME`), then its
+    /// node's zone label.
+    async fn own_zone(&self) -> Result<Option<String>, String> {
+        let Some(name) = self.env.pod_name.as_deref() else {
+            return Err("neither POD_NAME nor HOSTNAME names this pod".into());
+        };
+        if !valid_object_name(name) {
+            return Err(format!(
+                "`{}` (POD_NAME, else HOSTNAME) is not a pod name; set POD_NAME from the downward API's metadata.name",
+                name.chars().take(64).collect::<String>()
+            ));
+        }
+        let conn = self
+            .connected()
+            .await
+            .map_err(|e| discovery::Chain(&e).to_string())?;
+        let api: Api<Pod> = Api::namespaced(conn.client.clone(), &conn.namespace);
+        let pod = match tokio::time::timeout(GET_TIMEOUT, api.get_opt(name)).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => {
+                return Err(format!(
+                    "no pod {name} in namespace {} (set POD_NAME from the downward API's metadata.name)",
+                    conn.namespace
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("reading pod {name}: {}", discovery::Chain(&e))),
+            Err(_) => return Err(format!("reading pod {name} timed out")),
+        };
+        let Some(node) = pod.spec.and_then(|s| s.node_name) else {
+            return Err(format!("pod {name} is not scheduled on a node yet"));
+        };
+        Ok(self
+            .node_zones(std::iter::once(node.as_str()))
+            .await
+            .remove(&node))
+    }
+
+    async fn discover_kind<K: Kind>(
+        &self,
+        on_page: Option<OnPage<'_>>,
+    ) -> Result<Report, DiscoveryError> {
+        let (objects, _) = self.list_all::<K>(on_page).await?;
+        Ok(self.report(objects.values()).await)
     }
 
     /// Follows a watch from `rv`, applying events to `objects` and publishing changed sets.
@@ -447,7 +680,7 @@ impl K8sDiscovery {
                         );
                     }
                 }
-                let candidates = self.report(objects).candidates;
+                let candidates = self.report(objects.values()).await.candidates;
                 tx.send_if_modified(|s| {
                     if s.candidates == candidates {
                         return false;
@@ -484,13 +717,12 @@ impl K8sDiscovery {
         if !refresh.initial_jitter.is_zero() {
             tokio::time::sleep(jitter(refresh.initial_jitter)).await;
         }
-        let mut backoff = min_backoff;
+        let mut backoff = Backoff::new(min_backoff, interval);
         // A server that answers every watch with 410 would otherwise be listed several times
         // a second: relists back off too, from a short first pause (a compaction after a
         // healthy watch needs one quick relist) doubling to the cap, with jitter.
         let gone_min = (min_backoff / 4).max(Duration::from_millis(10));
-        let gone_cap = interval.min(GONE_BACKOFF_CAP).max(gone_min);
-        let mut gone_backoff = gone_min;
+        let mut gone_backoff = Backoff::new(gone_min, interval.min(GONE_BACKOFF_CAP));
         let mut gone_in_a_row = 0u32;
         let mut refreshes = 0u64;
         loop {
@@ -498,9 +730,12 @@ impl K8sDiscovery {
                 return;
             }
             let started = Instant::now();
-            let err = match self.list_all::<K>().await {
+            // Until a list has completed, each page is published as it arrives.
+            let publish = |page: &[discovery::Candidate]| discovery::publish_page(&tx, page);
+            let on_page: Option<OnPage<'_>> = (refreshes == 0).then_some(&publish);
+            let err = match self.list_all::<K>(on_page).await {
                 Ok((mut objects, rv)) => {
-                    let report = self.report(&objects);
+                    let report = self.report(objects.values()).await;
                     observer.round(started.elapsed(), Ok(report.candidates.len()));
                     refreshes += 1;
                     tx.send_replace(Snapshot {
@@ -510,14 +745,13 @@ impl K8sDiscovery {
                     match self.follow(&mut objects, rv, &tx, &mut refreshes).await {
                         WatchEnd::Closed => return,
                         WatchEnd::Gone { progressed } => {
-                            backoff = min_backoff;
+                            backoff.reset();
                             if progressed {
-                                gone_backoff = gone_min;
+                                gone_backoff.reset();
                                 gone_in_a_row = 0;
                             }
                             gone_in_a_row += 1;
-                            let pause = gone_backoff / 2 + jitter(gone_backoff / 2);
-                            gone_backoff = (gone_backoff * 2).min(gone_cap);
+                            let pause = gone_backoff.next_pause();
                             if gone_in_a_row == 5 {
                                 tracing::warn!(
                                     backend = BACKEND,
@@ -545,9 +779,7 @@ impl K8sDiscovery {
                 }
             };
             let pause = if err.is_transient() {
-                let p = backoff / 2 + jitter(backoff / 2);
-                backoff = (backoff * 2).min(interval);
-                p
+                backoff.next_pause()
             } else {
                 interval.mul_f64(0.9) + jitter(interval.mul_f64(0.2))
             };
@@ -555,7 +787,8 @@ impl K8sDiscovery {
                 backend = BACKEND,
                 kind = err.kind(),
                 retry_in_ms = pause.as_millis() as u64,
-                "kubernetes list or watch failed, keeping the last good candidate set and listing again: {err}"
+                "kubernetes list or watch failed, keeping the last good candidate set and listing again: {}",
+                escape_untrusted(&discovery::Chain(&err).to_string())
             );
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -630,8 +863,36 @@ impl Discover for K8sDiscovery {
     fn discover(&self) -> BoxFuture<'_, Result<Report, DiscoveryError>> {
         Box::pin(async move {
             match self.settings.source {
-                Source::Labels(_) => self.discover_kind::<Pod>().await,
-                Source::Service(_) => self.discover_kind::<EndpointSlice>().await,
+                Source::Labels(_) => self.discover_kind::<Pod>(None).await,
+                Source::Service(_) => self.discover_kind::<EndpointSlice>(None).await,
+            }
+        })
+    }
+
+    fn discover_pages<'a>(
+        &'a self,
+        on_page: OnPage<'a>,
+    ) -> BoxFuture<'a, Result<Report, DiscoveryError>> {
+        Box::pin(async move {
+            match self.settings.source {
+                Source::Labels(_) => self.discover_kind::<Pod>(Some(on_page)).await,
+                Source::Service(_) => self.discover_kind::<EndpointSlice>(Some(on_page)).await,
+            }
+        })
+    }
+
+    fn local_zone(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            match self.own_zone().await {
+                Ok(zone) => zone,
+                Err(why) => {
+                    tracing::info!(
+                        backend = BACKEND,
+                        "this pod's zone is unknown: {}",
+                        escape_untrusted(&why)
+                    );
+                    None
+                }
             }
         })
     }

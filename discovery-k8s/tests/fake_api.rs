@@ -1,4 +1,7 @@
-//! The backend's production client code against the Kubernetes API fake, over verified TLS.
+//! The backend's production client code against the Kubernetes API fake, over verified TLS:
+//! selectors, pages (published as they arrive), readiness, ports and roles, EndpointSlices,
+//! the watch and its failures, node zones (readable or forbidden), this pod's zone, dual-stack
+//! pods, RBAC wording and configuration inference.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -8,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use discovery::{Context, Discover, DiscoveryError, NoObserver, Refresh, Role, Snapshot};
 use discovery_k8s::{ConfigEnv, ConfigSource, K8sDiscovery, K8sError, Settings, Source};
-use k8s_fake::{FakeApi, running_pod};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_fake::{FakeApi, node_in_zone, running_pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio::sync::watch;
 
@@ -35,6 +38,7 @@ fn in_cluster_env(f: &FakeApi, dir: &Path) -> ConfigEnv {
         service_account_dir: dir.to_owned(),
         kubeconfig: None,
         home: None,
+        pod_name: None,
     }
 }
 
@@ -225,7 +229,7 @@ async fn a_service_name_reads_its_endpoint_slices() {
         "ports": [{"name": "private", "port": 8081, "protocol": "TCP"}],
         "endpoints": [
             {"addresses": ["10.0.4.1"], "conditions": {"ready": true},
-             "targetRef": {"kind": "Pod", "name": "w1"}},
+             "targetRef": {"kind": "Pod", "name": "w1"}, "zone": "zone-x", "nodeName": "n1"},
             {"addresses": ["10.0.4.2"], "conditions": {"ready": false},
              "targetRef": {"kind": "Pod", "name": "w2"}},
             {"addresses": ["10.0.4.3"], "conditions": {"ready": false, "terminating": true},
@@ -241,10 +245,27 @@ async fn a_service_name_reads_its_endpoint_slices() {
     }))
     .unwrap();
     f.put_endpoint_slice(NS, &other);
+    // The Service's IPv6 slice (dual-stack): not this IPv4 node's family.
+    let v6: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "peers-v6", "labels": {"kubernetes.io/service-name": "peers"}},
+        "addressType": "IPv6",
+        "endpoints": [{"addresses": ["2001:2::41"], "targetRef": {"kind": "Pod", "name": "w1"}}],
+    }))
+    .unwrap();
+    f.put_endpoint_slice(NS, &v6);
     let dir = tempfile::tempdir().unwrap();
     let b = backend(&f, &dir, TOKEN, settings(Source::Service("peers".into())));
     let r = b.discover().await.unwrap();
     assert_eq!(ids(&r), set(&["w1", "w2"]));
+    // The slice's own zone is used; no node is read for it.
+    let w1 = r.candidates.iter().find(|c| c.ip.to_string() == "10.0.4.1");
+    assert_eq!(w1.unwrap().zone.as_deref(), Some("zone-x"));
+    assert!(
+        r.excluded
+            .iter()
+            .any(|x| x.id == "endpointslice/peers-v6" && x.reason.contains("addressType IPv6")),
+        "{r:?}"
+    );
     assert!(
         r.excluded
             .iter()
@@ -469,8 +490,7 @@ async fn a_server_that_keeps_answering_410_is_listed_with_a_growing_backoff() {
         |s| has(s, "10.0.9.4"),
     )
     .await;
-    // `d` can reach the set through the watch before the server's 410 ends it; the relist that
-    // follows the 410 must still come within the same second.
+    // `d` reaches the set only through the relist that follows the 410, within the second.
     let relisted = tokio::time::timeout(Duration::from_secs(1), async {
         while pod_lists(&f) <= before {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -584,6 +604,7 @@ async fn a_kubeconfig_is_used_outside_a_pod() {
         service_account_dir: dir.path().join("absent"),
         kubeconfig: Some(path.clone().into_os_string()),
         home: None,
+        pod_name: None,
     };
     let (config, source) = discovery_k8s::config::infer(&env).await.unwrap();
     assert_eq!(source, ConfigSource::Kubeconfig);
@@ -615,6 +636,7 @@ async fn when_every_source_fails_both_causes_are_kept() {
         service_account_dir: dir.path().join("no-mount"),
         kubeconfig: Some(dir.path().join("missing-config").into_os_string()),
         home: None,
+        pod_name: None,
     };
     let e = discovery_k8s::config::infer(&env).await.unwrap_err();
     let K8sError::NoConfig {
@@ -648,4 +670,264 @@ fn flags_must_name_exactly_one_source() {
     assert!(e.to_string().contains("--k8s_namespace"), "{e}");
     let s = Settings::from_flags(None, None, Some("peers".into()), false).unwrap();
     assert_eq!(s.source, Source::Service("peers".into()));
+}
+
+/// `running_pod` scheduled on `node`.
+fn pod_on(name: &str, ip: &str, node: &str) -> Pod {
+    let mut p = running_pod(name, ip, &[("app", "x")]);
+    p.spec.as_mut().unwrap().node_name = Some(node.into());
+    p
+}
+
+fn node_reads(f: &FakeApi) -> usize {
+    f.requests()
+        .iter()
+        .filter(|q| q.starts_with("/api/v1/nodes/"))
+        .count()
+}
+
+#[tokio::test]
+async fn candidates_carry_their_nodes_zone_when_nodes_may_be_read() {
+    let f = fake();
+    f.grant_nodes(TOKEN);
+    f.put_node(&node_in_zone("n1", Some("zone-a")));
+    f.put_node(&node_in_zone("n2", Some("zone-b")));
+    f.put_node(&node_in_zone("n3", None));
+    // A zone label that is not a label value (a lying API server) is dropped.
+    f.put_node(&node_in_zone("n4", Some("zone\nMember 10.9.9.9")));
+    f.put_pod(NS, &pod_on("a", "10.0.11.1", "n1"));
+    f.put_pod(NS, &pod_on("b", "10.0.11.2", "n2"));
+    f.put_pod(NS, &pod_on("c", "10.0.11.3", "n1"));
+    f.put_pod(NS, &pod_on("d", "10.0.11.4", "n3"));
+    f.put_pod(NS, &pod_on("e", "10.0.11.5", "gone"));
+    f.put_pod(NS, &pod_on("f", "10.0.11.6", "n4"));
+    // A node name that is not one is never put into a request path.
+    f.put_pod(NS, &pod_on("g", "10.0.11.7", "../pods/a"));
+    let dir = tempfile::tempdir().unwrap();
+    let b = labels_backend(&f, &dir, "app=x");
+    let zones = |r: &discovery::Report| -> Vec<(String, Option<String>)> {
+        r.candidates
+            .iter()
+            .map(|c| (c.id.clone().unwrap(), c.zone.clone()))
+            .collect()
+    };
+    let want: Vec<(String, Option<String>)> = [
+        ("pod/a", Some("zone-a")),
+        ("pod/b", Some("zone-b")),
+        ("pod/c", Some("zone-a")),
+        ("pod/d", None),
+        ("pod/e", None),
+        ("pod/f", None),
+        ("pod/g", None),
+    ]
+    .iter()
+    .map(|(p, z)| (p.to_string(), z.map(str::to_owned)))
+    .collect();
+    assert_eq!(zones(&b.discover().await.unwrap()), want);
+    // One read per valid node name, including the missing node.
+    assert_eq!(node_reads(&f), 5, "{:?}", f.requests());
+    assert!(!f.requests().iter().any(|q| q.contains("..")));
+    // The zones are cached: the next round reads no node.
+    assert_eq!(zones(&b.discover().await.unwrap()), want);
+    assert_eq!(node_reads(&f), 5);
+}
+
+#[tokio::test]
+async fn forbidden_nodes_cost_one_request_and_discovery_goes_on_without_zones() {
+    let f = fake();
+    f.put_node(&node_in_zone("n1", Some("zone-a")));
+    f.put_node(&node_in_zone("n2", Some("zone-b")));
+    f.put_pod(NS, &pod_on("a", "10.0.12.1", "n1"));
+    f.put_pod(NS, &pod_on("b", "10.0.12.2", "n2"));
+    let dir = tempfile::tempdir().unwrap();
+    let b = labels_backend(&f, &dir, "app=x");
+    for _ in 0..3 {
+        let r = b.discover().await.unwrap();
+        assert_eq!(ids(&r), set(&["a", "b"]));
+        assert!(r.candidates.iter().all(|c| c.zone.is_none()), "{r:?}");
+    }
+    assert_eq!(node_reads(&f), 1, "{:?}", f.requests());
+}
+
+#[tokio::test]
+async fn the_fake_answers_node_and_pod_reads_as_the_api_server_does() {
+    let f = fake();
+    f.put_node(&node_in_zone("n1", Some("europe-west1-b")));
+    f.put_pod(NS, &pod_on("a", "10.0.13.1", "n1"));
+    let dir = tempfile::tempdir().unwrap();
+    f.write_service_account(dir.path(), TOKEN, NS).unwrap();
+    let (config, _) = discovery_k8s::config::infer(&in_cluster_env(&f, dir.path()))
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    let kube::Error::Api(st) = nodes.get("n1").await.unwrap_err() else {
+        panic!("not a Status");
+    };
+    assert_eq!((st.code, st.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        st.message,
+        "nodes \"n1\" is forbidden: User \"system:serviceaccount:builds:cluster-start\" cannot get resource \"nodes\" in API group \"\" at the cluster scope"
+    );
+    f.grant_nodes(TOKEN);
+    let n = nodes.get("n1").await.unwrap();
+    assert_eq!(
+        n.metadata.labels.unwrap()["topology.kubernetes.io/zone"],
+        "europe-west1-b"
+    );
+    assert!(n.metadata.resource_version.is_some());
+    assert!(nodes.get_opt("n9").await.unwrap().is_none());
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client, NS);
+    let p = pods.get("a").await.unwrap();
+    assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("n1"));
+    let kube::Error::Api(st) = pods.get("zz").await.unwrap_err() else {
+        panic!("not a Status");
+    };
+    assert_eq!((st.code, st.reason.as_str()), (404, "NotFound"));
+    assert_eq!(st.message, "pods \"zz\" not found");
+}
+
+#[tokio::test]
+async fn the_local_zone_is_this_pods_nodes_zone() {
+    let f = fake();
+    f.put_node(&node_in_zone("n1", Some("zone-c")));
+    f.put_pod(NS, &pod_on("me", "10.0.14.1", "n1"));
+    let dir = tempfile::tempdir().unwrap();
+    f.write_service_account(dir.path(), TOKEN, NS).unwrap();
+    let env = |pod: Option<&str>| ConfigEnv {
+        pod_name: pod.map(str::to_owned),
+        ..in_cluster_env(&f, dir.path())
+    };
+    let s = || settings(Source::Labels("app=x".into()));
+    // Nodes not readable: no zone, and no error.
+    let b = K8sDiscovery::new(s(), env(Some("me")), ctx());
+    assert_eq!(b.local_zone().await, None);
+    f.grant_nodes(TOKEN);
+    let b = K8sDiscovery::new(s(), env(Some("me")), ctx());
+    assert_eq!(b.local_zone().await.as_deref(), Some("zone-c"));
+    assert!(
+        f.requests()
+            .iter()
+            .any(|q| q == "/api/v1/namespaces/builds/pods/me"),
+        "{:?}",
+        f.requests()
+    );
+    // No pod name, or a pod that is not there: no zone.
+    let b = K8sDiscovery::new(s(), env(None), ctx());
+    assert_eq!(b.local_zone().await, None);
+    let b = K8sDiscovery::new(s(), env(Some("someone-else")), ctx());
+    assert_eq!(b.local_zone().await, None);
+    // A name that is not a pod name never reaches a request path.
+    let before = f.requests().len();
+    let b = K8sDiscovery::new(s(), env(Some("../nodes/n1")), ctx());
+    assert_eq!(b.local_zone().await, None);
+    assert_eq!(f.requests().len(), before, "{:?}", f.requests());
+}
+
+#[tokio::test]
+async fn the_first_list_publishes_each_page_before_the_last_is_served() {
+    let f = fake();
+    for i in 0..5 {
+        f.put_pod(
+            NS,
+            &running_pod(
+                &format!("p{i}"),
+                &format!("10.0.15.{}", i + 1),
+                &[("app", "x")],
+            ),
+        );
+    }
+    // Every page after the first takes 1.5 s: the third one is served after 3 s.
+    f.delay_continued_lists(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(Source::Labels("app=x".into()));
+    s.page_size = 2;
+    let b = backend(&f, &dir, TOKEN, s);
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let refresh = Refresh {
+        interval: Duration::from_secs(600),
+        ..Refresh::default()
+    };
+    let started = Instant::now();
+    let task = tokio::spawn(b.clone().watch(refresh, tx, Arc::new(NoObserver)));
+    wait_for(&mut rx, Duration::from_secs(10), "the first page", |s| {
+        !s.candidates.is_empty()
+    })
+    .await;
+    let first = started.elapsed();
+    let snap = rx.borrow().clone();
+    let continued = f
+        .requests()
+        .iter()
+        .filter(|q| q.contains("continue="))
+        .count();
+    assert_eq!(snap.candidates.len(), 2, "{snap:?}");
+    assert_eq!(snap.refreshes, 0, "the list is not complete yet");
+    assert_eq!(
+        continued, 0,
+        "a later page was served before the first was published"
+    );
+    assert!(first < Duration::from_millis(1500), "{first:?}");
+    wait_for(&mut rx, Duration::from_secs(10), "the whole list", |s| {
+        s.refreshes >= 1 && s.candidates.len() == 5
+    })
+    .await;
+    eprintln!(
+        "first page published after {first:?}, the whole list after {:?}",
+        started.elapsed()
+    );
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_ipv6_node_finds_dual_stack_pods_at_their_ipv6_pod_ips() {
+    let f = fake();
+    let dual = |name: &str, v4: &str, v6: &str| {
+        let mut p = running_pod(name, v4, &[("app", "x")]);
+        p.status.as_mut().unwrap().pod_ips = Some(vec![
+            serde_json::from_value(serde_json::json!({"ip": v4})).unwrap(),
+            serde_json::from_value(serde_json::json!({"ip": v6})).unwrap(),
+        ]);
+        p
+    };
+    f.put_pod(NS, &dual("me", "10.0.16.1", "2001:2:0:16::1"));
+    f.put_pod(NS, &dual("a", "10.0.16.2", "2001:2:0:16::2"));
+    f.put_pod(NS, &dual("b", "10.0.16.3", "2001:2:0:16::3"));
+    f.put_pod(NS, &running_pod("v4-only", "10.0.16.4", &[("app", "x")]));
+    let dir = tempfile::tempdir().unwrap();
+    f.write_service_account(dir.path(), TOKEN, NS).unwrap();
+    // The pod's own selector is its /32 (/128): it must not exclude the peers.
+    let ctx6 = Context::standalone(
+        "t",
+        Role::Worker,
+        "2001:2:0:16::1".parse().unwrap(),
+        8081,
+        Some("2001:2:0:16::1/128".parse().unwrap()),
+    );
+    let b = K8sDiscovery::new(
+        settings(Source::Labels("app=x".into())),
+        in_cluster_env(&f, dir.path()),
+        ctx6,
+    );
+    let r = b.discover().await.unwrap();
+    let ips: BTreeSet<String> = r.candidates.iter().map(|c| c.ip.to_string()).collect();
+    assert_eq!(
+        ips,
+        BTreeSet::from(["2001:2:0:16::2".to_owned(), "2001:2:0:16::3".to_owned()])
+    );
+    let reason = |id: &str| {
+        r.excluded
+            .iter()
+            .find(|x| x.id == id)
+            .map(|x| x.reason.clone())
+    };
+    assert_eq!(reason("pod/me").as_deref(), Some("self"));
+    assert_eq!(
+        reason("pod/v4-only").as_deref(),
+        Some("no IPv6 address (has 10.0.16.4)")
+    );
 }

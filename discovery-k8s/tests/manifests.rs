@@ -1,12 +1,13 @@
 //! Every manifest in deploy/k8s (the one Kubernetes kit) parses as its k8s-openapi type with
 //! no field left over, so a typo in a field name or a value of the wrong type fails CI; the
-//! pods carry the role label the backend reads and mount the cluster key's Secret.
+//! pods carry the role label the backend reads, name themselves for the zone lookup and mount
+//! the cluster key's Secret; the optional ClusterRole lets the service account read nodes.
 
 use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -125,6 +126,17 @@ fn check_node_container(file: &str, t: &PodTemplateSpec, role: &str) -> Containe
         .and_then(|v| v.field_ref.as_ref())
         .map(|f| f.field_path.as_str());
     assert_eq!(field, Some("status.podIP"), "{file}");
+    let pod_name = env.iter().find(|e| e.name == "POD_NAME").expect("POD_NAME");
+    let field = pod_name
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(
+        field,
+        Some("metadata.name"),
+        "{file}: POD_NAME names the pod whose node's zone is read"
+    );
     let sel = env
         .iter()
         .find(|e| e.name == "NODE_PRIVATE_IP_SELECTOR")
@@ -206,15 +218,30 @@ fn every_manifest_parses_strictly_and_fits_together() {
             }
             "Role" => {
                 let r: Role = strict(&doc, &file);
-                let rules = r.rules.unwrap_or_default();
-                let pods = rules
-                    .iter()
-                    .find(|r| r.resources.iter().flatten().any(|x| x == "pods"))
-                    .expect("a rule on pods");
-                assert_eq!(pods.api_groups.as_deref(), Some(&[String::new()][..]));
-                for verb in ["get", "list", "watch"] {
-                    assert!(pods.verbs.iter().any(|v| v == verb), "pods {verb}");
-                }
+                check_core_rule(
+                    &r.rules.unwrap_or_default(),
+                    "pods",
+                    &["get", "list", "watch"],
+                );
+            }
+            "ClusterRole" => {
+                let r: ClusterRole = strict(&doc, &file);
+                assert_eq!(r.metadata.name.as_deref(), Some("cluster-start-node-zones"));
+                check_core_rule(&r.rules.unwrap_or_default(), "nodes", &["get", "list"]);
+            }
+            "ClusterRoleBinding" => {
+                let b: ClusterRoleBinding = strict(&doc, &file);
+                assert_eq!(b.role_ref.kind, "ClusterRole");
+                assert_eq!(b.role_ref.name, "cluster-start-node-zones");
+                let sa = &b.subjects.unwrap_or_default()[0];
+                assert_eq!(
+                    (sa.kind.as_str(), sa.name.as_str()),
+                    ("ServiceAccount", "cluster-start")
+                );
+                assert!(
+                    sa.namespace.as_deref().is_some_and(|n| !n.is_empty()),
+                    "{file}: a ClusterRoleBinding's ServiceAccount subject needs its namespace"
+                );
             }
             "RoleBinding" => {
                 let b: RoleBinding = strict(&doc, &file);
@@ -256,6 +283,8 @@ fn every_manifest_parses_strictly_and_fits_together() {
     assert_eq!(
         kinds,
         [
+            "ClusterRole",
+            "ClusterRoleBinding",
             "Deployment",
             "Role",
             "RoleBinding",
@@ -264,6 +293,18 @@ fn every_manifest_parses_strictly_and_fits_together() {
             "StatefulSet"
         ]
     );
+}
+
+/// A rule in the core API group on `resource` allows every verb in `verbs`.
+fn check_core_rule(rules: &[PolicyRule], resource: &str, verbs: &[&str]) {
+    let rule = rules
+        .iter()
+        .find(|r| r.resources.iter().flatten().any(|x| x == resource))
+        .unwrap_or_else(|| panic!("a rule on {resource}"));
+    assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+    for verb in verbs {
+        assert!(rule.verbs.iter().any(|v| v == verb), "{resource} {verb}");
+    }
 }
 
 #[test]

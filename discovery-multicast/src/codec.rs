@@ -1,19 +1,23 @@
 //! The announcement datagram: its layout, a strict decoder, and the seam for authentication.
 //!
-//! Layout (big-endian), 36 to 302 bytes before sealing:
+//! Layout (big-endian), 36 to 302 bytes before sealing (48 or more with an IPv6 address):
 //!
 //! ```text
 //! magic "CSmc" | version u8 = 1 | flags u8 = 0 | role u8 (1 scheduler, 2 worker)
 //! name_len u8 (1..=255) | cluster name, UTF-8 | node UUID, 16 bytes
-//! family u8 (4) | IPv4 address, 4 bytes | private port u16 | interval_ms u32
+//! family u8 (4 or 6) | IPv4 address, 4 bytes, or IPv6 address, 16 bytes
+//! private port u16 | interval_ms u32
 //! ```
+//!
+//! Family 6 was added without a version change: a decoder that knows only 4 drops it as an
+//! unknown family, and IPv4 and IPv6 nodes never share a group anyway.
 //!
 //! `interval_ms` is the sender's current announcement interval, so that receivers expire it
 //! after it has missed a few. The decoder checks every length and field and rejects trailing
 //! bytes: anything else is garbage.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use discovery::Role;
 use uuid::Uuid;
@@ -39,7 +43,7 @@ pub struct Announcement {
     /// The sender's UUID (its `Context::node_id`).
     pub node_id: Uuid,
     /// The sender's private IP.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The sender's `--private_port`.
     pub port: u16,
     /// How long until the sender's next announcement, in milliseconds.
@@ -57,7 +61,7 @@ impl Announcement {
                 .ok_or(MulticastError::Malformed(
                     "cluster name must be 1 to 255 bytes",
                 ))?;
-        let mut out = Vec::with_capacity(36 + name.len());
+        let mut out = Vec::with_capacity(48 + name.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
         out.push(0);
@@ -68,8 +72,16 @@ impl Announcement {
         out.push(len);
         out.extend_from_slice(name);
         out.extend_from_slice(self.node_id.as_bytes());
-        out.push(4);
-        out.extend_from_slice(&self.ip.octets());
+        match self.ip {
+            IpAddr::V4(v4) => {
+                out.push(4);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.push(6);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
         out.extend_from_slice(&self.port.to_be_bytes());
         out.extend_from_slice(&self.interval_ms.to_be_bytes());
         Ok(out)
@@ -101,15 +113,31 @@ impl Announcement {
             .to_owned();
         let mut id = [0u8; 16];
         id.copy_from_slice(r.take(16)?);
-        if r.u8()? != 4 {
-            return Err(MulticastError::Malformed("unknown address family"));
-        }
-        let mut ip = [0u8; 4];
-        ip.copy_from_slice(r.take(4)?);
-        let ip = Ipv4Addr::from(ip);
-        if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
-            return Err(MulticastError::Malformed("not a unicast address"));
-        }
+        let ip = match r.u8()? {
+            4 => {
+                let mut ip = [0u8; 4];
+                ip.copy_from_slice(r.take(4)?);
+                let ip = Ipv4Addr::from(ip);
+                if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                    return Err(MulticastError::Malformed("not a unicast address"));
+                }
+                IpAddr::V4(ip)
+            }
+            6 => {
+                let mut ip = [0u8; 16];
+                ip.copy_from_slice(r.take(16)?);
+                let ip = Ipv6Addr::from(ip);
+                if ip.is_unspecified() || ip.is_multicast() || ip.to_ipv4_mapped().is_some() {
+                    return Err(MulticastError::Malformed("not a unicast address"));
+                }
+                // Without its interface a link-local address reaches no one.
+                if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+                    return Err(MulticastError::Malformed("link-local address"));
+                }
+                IpAddr::V6(ip)
+            }
+            _ => return Err(MulticastError::Malformed("unknown address family")),
+        };
         let port = u16::from_be_bytes([r.u8()?, r.u8()?]);
         if port == 0 {
             return Err(MulticastError::Malformed("port 0"));
@@ -132,9 +160,9 @@ impl Announcement {
         })
     }
 
-    /// The sender's private address as an [`IpAddr`].
+    /// The sender's private address.
     pub fn addr(&self) -> IpAddr {
-        IpAddr::V4(self.ip)
+        self.ip
     }
 }
 
@@ -192,9 +220,16 @@ mod tests {
             cluster_name: name.into(),
             role: Role::Scheduler,
             node_id: Uuid::from_u128(0x5515cf45_9244_44df_b086_bc8eca4c83ae),
-            ip: Ipv4Addr::new(198, 18, 0, 2),
+            ip: Ipv4Addr::new(198, 18, 0, 2).into(),
             port: 8081,
             interval_ms: 1000,
+        }
+    }
+
+    fn sample6(name: &str) -> Announcement {
+        Announcement {
+            ip: "2001:2:0:1::2".parse().unwrap(),
+            ..sample(name)
         }
     }
 
@@ -208,9 +243,15 @@ mod tests {
                 interval_ms: 600_000,
                 ..sample(&"x".repeat(255))
             },
+            sample6("default"),
+            Announcement {
+                role: Role::Worker,
+                port: 1,
+                ..sample6(&"y".repeat(255))
+            },
         ] {
             let bytes = a.encode().unwrap();
-            assert!(bytes.len() <= MAX_DATAGRAM);
+            assert!(bytes.len() <= 302 && bytes.len() <= MAX_DATAGRAM);
             assert_eq!(Announcement::decode(&bytes).unwrap(), a);
         }
     }
@@ -223,13 +264,58 @@ mod tests {
 
     #[test]
     fn every_truncation_is_rejected() {
-        let bytes = sample("default").encode().unwrap();
-        for n in 0..bytes.len() {
-            assert!(
-                Announcement::decode(&bytes[..n]).is_err(),
-                "a prefix of {n} bytes was accepted"
-            );
+        for a in [sample("default"), sample6("default")] {
+            let bytes = a.encode().unwrap();
+            for n in 0..bytes.len() {
+                assert!(
+                    Announcement::decode(&bytes[..n]).is_err(),
+                    "a prefix of {n} bytes was accepted"
+                );
+            }
         }
+    }
+
+    #[test]
+    fn ipv6_announcements_are_checked_like_ipv4_ones() {
+        let good = sample6("default").encode().unwrap();
+        let fam = 8 + "default".len() + 16;
+        assert_eq!(good[fam], 6);
+        assert_eq!(good.len(), fam + 1 + 16 + 2 + 4);
+        let reason = |b: &[u8]| match Announcement::decode(b) {
+            Err(MulticastError::Malformed(r)) => r,
+            other => panic!("expected a malformed error, got {other:?}"),
+        };
+        let with_ip = |ip: &str| {
+            Announcement {
+                ip: ip.parse().unwrap(),
+                ..sample6("default")
+            }
+            .encode()
+            .unwrap()
+        };
+        assert_eq!(reason(&with_ip("::")), "not a unicast address");
+        assert_eq!(reason(&with_ip("ff02::1")), "not a unicast address");
+        assert_eq!(
+            reason(&with_ip("::ffff:198.18.0.2")),
+            "not a unicast address"
+        );
+        assert_eq!(reason(&with_ip("fe80::1")), "link-local address");
+        assert_eq!(reason(&with_ip("febf::1")), "link-local address");
+        // An IPv4 family byte before 16 address bytes leaves 12 bytes trailing.
+        let mut v4_tag = good.clone();
+        v4_tag[fam] = 4;
+        assert!(Announcement::decode(&v4_tag).is_err());
+        // An IPv6 family byte before 4 address bytes is truncated.
+        let mut v6_tag = sample("default").encode().unwrap();
+        v6_tag[fam] = 6;
+        assert_eq!(reason(&v6_tag), "truncated");
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(reason(&long), "trailing bytes");
+        assert_eq!(
+            Announcement::decode(&with_ip("fd00::1")).unwrap().addr(),
+            "fd00::1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -254,7 +340,7 @@ mod tests {
         assert_eq!(reason(&patch(7, 0)), "empty cluster name");
         assert_eq!(reason(&patch(8, 0xff)), "cluster name is not UTF-8");
         let fam = 8 + "default".len() + 16;
-        assert_eq!(reason(&patch(fam, 6)), "unknown address family");
+        assert_eq!(reason(&patch(fam, 5)), "unknown address family");
         assert_eq!(reason(&patch(fam + 1, 224)), "not a unicast address");
         let mut zero_port = good.clone();
         zero_port[fam + 5] = 0;

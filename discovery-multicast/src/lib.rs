@@ -3,6 +3,10 @@
 //!
 //! - The group is joined only on the interface that holds the private IP, and announcements
 //!   leave through it (`IP_MULTICAST_IF`) with `--multicast_ttl` (1 by default: one subnet).
+//! - The private IP's family picks the group: `--multicast_group` (IPv4) or
+//!   `--multicast_group6`, an IPv6 group of link-local scope (`ff02::/16`) joined on the
+//!   private IP's interface (found in `/proc/net/if_inet6`), with the same hop limit and loop
+//!   settings. Announcements then carry the IPv6 private address.
 //! - Announcements ([`Announcement`]: format version, cluster name, role, UUID, private address
 //!   and port, interval) go out every [`ALONE_INTERVAL`] while the node is alone and back off
 //!   to [`announce_interval`] once `Context::members` shows a cluster, with ±25 % jitter.
@@ -17,14 +21,14 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use discovery::{
-    BoxFuture, Candidate, Context, Discover, DiscoveryError, Exclusion, Refresh, RefreshObserver,
-    Report, Snapshot, escape_untrusted,
+    Backoff, BoxFuture, Candidate, Chain, Context, Counter, Discover, DiscoveryError, Exclusion,
+    Refresh, RefreshObserver, Report, Snapshot, escape_untrusted,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
@@ -45,6 +49,9 @@ pub const JOINED_INTERVAL: Duration = Duration::from_secs(3);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(30);
 /// How often a warning about dropped datagrams may be logged.
 const WARN_EVERY: Duration = Duration::from_secs(60);
+/// The default IPv6 group, of link-local scope: the IPv4 default 224.2.2.3 spelled in
+/// `ff02::/16`.
+pub const DEFAULT_GROUP6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0x224, 2, 2, 3);
 
 /// The pause between announcements for an all-instances list of `members`.
 ///
@@ -90,10 +97,10 @@ impl From<MulticastError> for DiscoveryError {
         match e {
             MulticastError::Socket { what, source } => DiscoveryError::Unreachable {
                 backend: "multicast",
-                message: format!("cannot {what}: {source}"),
+                message: format!("cannot {what}"),
                 source: Some(Box::new(source)),
             },
-            other => DiscoveryError::Config(other.to_string()),
+            other => DiscoveryError::Config(Box::new(other)),
         }
     }
 }
@@ -101,8 +108,11 @@ impl From<MulticastError> for DiscoveryError {
 /// The multicast flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MulticastConfig {
-    /// `--multicast_group`: an IPv4 multicast address.
+    /// `--multicast_group`: an IPv4 multicast address, used when the private IP is IPv4.
     pub group: Ipv4Addr,
+    /// `--multicast_group6`: an IPv6 multicast address of link-local scope, used when the
+    /// private IP is IPv6.
+    pub group6: Ipv6Addr,
     /// `--multicast_port`.
     pub port: u16,
     /// `--multicast_ttl`: 1 keeps announcements on the local subnet.
@@ -117,6 +127,7 @@ impl Default for MulticastConfig {
     fn default() -> Self {
         Self {
             group: Ipv4Addr::new(224, 2, 2, 3),
+            group6: DEFAULT_GROUP6,
             port: 54327,
             ttl: 1,
             loopback: false,
@@ -188,6 +199,70 @@ impl Stats {
     }
 }
 
+impl StatsSnapshot {
+    /// The counters as `/metrics` shows them (see [`Discover::counters`]).
+    pub fn counters(&self) -> Vec<Counter> {
+        let c = |name, help, value| Counter { name, help, value };
+        vec![
+            c(
+                "node_discovery_multicast_received",
+                "Datagrams received on the multicast group.",
+                self.received,
+            ),
+            c(
+                "node_discovery_multicast_accepted",
+                "Announcements of peers of this cluster.",
+                self.accepted,
+            ),
+            c(
+                "node_discovery_multicast_sent",
+                "Announcements sent.",
+                self.sent,
+            ),
+            c(
+                "node_discovery_multicast_send_errors",
+                "Announcements that could not be sent.",
+                self.send_errors,
+            ),
+            c(
+                "node_discovery_multicast_dropped_malformed",
+                "Datagrams dropped as not an announcement, or not from the announced address.",
+                self.malformed,
+            ),
+            c(
+                "node_discovery_multicast_dropped_oversized",
+                "Datagrams dropped as longer than any announcement.",
+                self.oversized,
+            ),
+            c(
+                "node_discovery_multicast_dropped_unauthenticated",
+                "Datagrams dropped because the cluster key did not open them.",
+                self.unauthenticated,
+            ),
+            c(
+                "node_discovery_multicast_skipped_foreign_cluster",
+                "Announcements of another cluster name.",
+                self.foreign_cluster,
+            ),
+            c(
+                "node_discovery_multicast_skipped_own",
+                "This node's own announcements, looped back.",
+                self.own,
+            ),
+            c(
+                "node_discovery_multicast_skipped_excluded",
+                "Announcements of peers outside --private_ip_selector.",
+                self.excluded,
+            ),
+            c(
+                "node_discovery_multicast_dropped_table_full",
+                "Announcements of new peers dropped because the peer table was full.",
+                self.table_full,
+            ),
+        ]
+    }
+}
+
 fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
@@ -225,7 +300,9 @@ struct Sockets {
 pub struct MulticastDiscovery {
     cfg: MulticastConfig,
     ctx: Context,
-    ip: Ipv4Addr,
+    ip: IpAddr,
+    /// The index of the interface holding an IPv6 private IP (the group's scope); 0 for IPv4.
+    ifindex: u32,
     seal: Arc<dyn Seal>,
     stats: Arc<Stats>,
     sockets: Mutex<Option<Sockets>>,
@@ -252,11 +329,35 @@ impl MulticastDiscovery {
                 cfg.ttl
             )));
         }
-        let IpAddr::V4(ip) = ctx.private_ip else {
+        if !is_link_local_group(cfg.group6) {
             return Err(MulticastError::Config(format!(
-                "multicast discovery needs an IPv4 private address, but {} was chosen: pick an IPv4 one with --private_ip_selector",
-                ctx.private_ip
+                "--multicast_group6 {} is not an IPv6 multicast group of link-local scope: use one in ff02::/16, e.g. the default {DEFAULT_GROUP6}",
+                cfg.group6
             )));
+        }
+        let ip = ctx.private_ip;
+        let ifindex = match ip {
+            IpAddr::V4(_) => 0,
+            IpAddr::V6(v6) => {
+                if (v6.segments()[0] & 0xffc0) == 0xfe80 {
+                    return Err(MulticastError::Config(format!(
+                        "the private IP {v6} is link-local, which peers cannot reach without an interface scope: pick a global or ULA address with --private_ip_selector"
+                    )));
+                }
+                let table =
+                    std::fs::read_to_string(IF_INET6).map_err(|source| MulticastError::Socket {
+                        what: format!(
+                            "read {IF_INET6} to find the interface holding the private IP {v6}"
+                        ),
+                        source,
+                    })?;
+                ifindex_of(&table, v6).ok_or_else(|| {
+                    MulticastError::Config(format!(
+                        "no interface holds the private IP {v6} (per {IF_INET6}), so there is none to join {} on: check --private_ip_selector",
+                        cfg.group6
+                    ))
+                })?
+            }
         };
         if ctx.cluster_name.is_empty() || ctx.cluster_name.len() > 255 {
             return Err(MulticastError::Config(
@@ -267,6 +368,7 @@ impl MulticastDiscovery {
             cfg,
             ctx,
             ip,
+            ifindex,
             seal: Arc::new(Plaintext),
             stats: Arc::new(Stats::default()),
             sockets: Mutex::new(None),
@@ -287,8 +389,73 @@ impl MulticastDiscovery {
         self.stats.snapshot()
     }
 
+    /// The group's address for this node's family (with the interface as the IPv6 scope).
+    pub fn group(&self) -> SocketAddr {
+        match self.ip {
+            IpAddr::V4(_) => SocketAddr::V4(SocketAddrV4::new(self.cfg.group, self.cfg.port)),
+            IpAddr::V6(_) => SocketAddr::V6(SocketAddrV6::new(
+                self.cfg.group6,
+                self.cfg.port,
+                0,
+                self.ifindex,
+            )),
+        }
+    }
+
     fn open_sockets(&self) -> Result<Sockets, MulticastError> {
-        let (group, port, ip) = (self.cfg.group, self.cfg.port, self.ip);
+        match self.ip {
+            IpAddr::V4(ip) => self.open_sockets_v4(ip),
+            IpAddr::V6(ip) => self.open_sockets_v6(ip),
+        }
+    }
+
+    fn open_sockets_v6(&self, ip: Ipv6Addr) -> Result<Sockets, MulticastError> {
+        let (group, port, ifindex) = (self.cfg.group6, self.cfg.port, self.ifindex);
+        let err = |what: String| move |source| MulticastError::Socket { what, source };
+        let recv = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err("create a UDP socket".into()))?;
+        recv.set_only_v6(true)
+            .map_err(err("set IPV6_V6ONLY".into()))?;
+        recv.set_reuse_address(true)
+            .map_err(err("set SO_REUSEADDR".into()))?;
+        recv.set_reuse_port(true)
+            .map_err(err("set SO_REUSEPORT".into()))?;
+        // A link-local group is bound with its interface as the scope, which also binds the
+        // socket to that interface: it hears this group on this link only.
+        recv.bind(&SocketAddrV6::new(group, port, 0, ifindex).into())
+            .map_err(err(format!(
+                "listen on [{group}%{ifindex}]:{port} (--multicast_group6, --multicast_port)"
+            )))?;
+        recv.join_multicast_v6(&group, ifindex).map_err(err(format!(
+            "join {group} on the interface holding {ip} (index {ifindex}): check that it supports multicast, or change --private_ip_selector"
+        )))?;
+        let _ = recv.set_multicast_all_v6(false);
+        recv.set_nonblocking(true)
+            .map_err(err("make the socket non-blocking".into()))?;
+
+        let send = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err("create a UDP socket".into()))?;
+        send.set_only_v6(true)
+            .map_err(err("set IPV6_V6ONLY".into()))?;
+        send.bind(&SocketAddrV6::new(ip, 0, 0, 0).into())
+            .map_err(err(format!("bind the announcement socket to {ip}")))?;
+        send.set_multicast_if_v6(ifindex).map_err(err(format!(
+            "send multicast from the interface holding {ip} (index {ifindex})"
+        )))?;
+        send.set_multicast_hops_v6(self.cfg.ttl)
+            .map_err(err("set --multicast_ttl as the hop limit".into()))?;
+        send.set_multicast_loop_v6(self.cfg.loopback)
+            .map_err(err("set --multicast_loopback".into()))?;
+        send.set_nonblocking(true)
+            .map_err(err("make the socket non-blocking".into()))?;
+        Ok(Sockets {
+            recv: recv.into(),
+            send: send.into(),
+        })
+    }
+
+    fn open_sockets_v4(&self, ip: Ipv4Addr) -> Result<Sockets, MulticastError> {
+        let (group, port) = (self.cfg.group, self.cfg.port);
         let err = |what: String| move |source| MulticastError::Socket { what, source };
         let recv = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
             .map_err(err("create a UDP socket".into()))?;
@@ -389,7 +556,7 @@ impl MulticastDiscovery {
                 "the source address is not the announced address",
             ));
         }
-        let id = format!("{}:{} {}", a.ip, a.port, a.node_id);
+        let id = format!("{} {}", SocketAddr::new(a.ip, a.port), a.node_id);
         if a.cluster_name != self.ctx.cluster_name {
             bump(&s.foreign_cluster);
             return Heard::Skipped(Exclusion {
@@ -420,7 +587,7 @@ impl MulticastDiscovery {
     }
 
     async fn announce(&self, send: &UdpSocket, interval: Duration, warn: &mut Warner) {
-        let to = SocketAddr::V4(SocketAddrV4::new(self.cfg.group, self.cfg.port));
+        let to = self.group();
         let bytes = match self.announcement(interval).encode() {
             Ok(b) => self.seal.seal(b),
             Err(e) => {
@@ -444,25 +611,29 @@ impl MulticastDiscovery {
     }
 
     async fn run(self: Arc<Self>, tx: watch::Sender<Snapshot>, observer: Arc<dyn RefreshObserver>) {
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), MAX_INTERVAL);
         let (recv, send) = loop {
             match self.take_sockets() {
                 Ok(s) => break s,
                 Err(e) => {
                     let e = DiscoveryError::from(e);
-                    tracing::error!(backend = "multicast", "{e}; retrying in {backoff:?}");
+                    let pause = backoff.next_pause();
+                    tracing::error!(
+                        backend = "multicast",
+                        retry_in_ms = pause.as_millis() as u64,
+                        "{}",
+                        Chain(&e)
+                    );
                     observer.round(Duration::ZERO, Err(&e));
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = tx.closed() => return,
                     }
-                    backoff = (backoff * 2).min(MAX_INTERVAL);
                 }
             }
         };
         tracing::info!(
-            group = %self.cfg.group,
-            port = self.cfg.port,
+            group = %self.group(),
             interface_ip = %self.ip,
             ttl = self.cfg.ttl,
             "multicast discovery listening and announcing"
@@ -554,6 +725,25 @@ impl MulticastDiscovery {
     }
 }
 
+/// Where Linux lists every IPv6 address with its interface index.
+const IF_INET6: &str = "/proc/net/if_inet6";
+
+/// Whether `g` is an IPv6 multicast group of link-local scope (`ffX2::/16`).
+fn is_link_local_group(g: Ipv6Addr) -> bool {
+    (g.segments()[0] & 0xff0f) == 0xff02
+}
+
+/// The index of the interface holding `ip`, read from a `/proc/net/if_inet6` table: one
+/// address a line, `<32 hex digits> <index, hex> <prefix> <scope> <flags> <name>`.
+fn ifindex_of(table: &str, ip: Ipv6Addr) -> Option<u32> {
+    table.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let addr = u128::from_str_radix(f.next()?, 16).ok()?;
+        let index = u32::from_str_radix(f.next()?, 16).ok()?;
+        (Ipv6Addr::from(addr) == ip && index > 0).then_some(index)
+    })
+}
+
 /// `interval` with ±25 % jitter, so a fleet started together does not announce in step.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.75) + discovery::jitter(interval / 2)
@@ -584,6 +774,11 @@ const MAX_EXCLUSIONS: usize = 256;
 impl Discover for MulticastDiscovery {
     fn name(&self) -> &'static str {
         "multicast"
+    }
+
+    /// The drop and traffic counters of [`Stats`], for `/metrics`.
+    fn counters(&self) -> Vec<Counter> {
+        self.stats().counters()
     }
 
     /// Listens for [`MulticastConfig::listen_window`] without announcing (a one-shot run has
@@ -709,14 +904,59 @@ mod tests {
             ..MulticastConfig::default()
         });
         assert!(e.contains("--multicast_ttl"), "{e}");
-        let v6 = Context::standalone("blue", Role::Worker, "::1".parse().unwrap(), 8081, None);
-        let e = MulticastDiscovery::new(MulticastConfig::default(), v6)
-            .unwrap_err()
-            .to_string();
+        let e = bad(MulticastConfig {
+            group6: "ff05::1:3".parse().unwrap(),
+            ..MulticastConfig::default()
+        });
         assert!(
-            e.contains("IPv4") && e.contains("--private_ip_selector"),
+            e.contains("--multicast_group6 ff05::1:3") && e.contains("link-local scope"),
             "{e}"
         );
+        assert!(e.contains(&DEFAULT_GROUP6.to_string()), "{e}");
+        let e = bad(MulticastConfig {
+            group6: "fd00::1".parse().unwrap(),
+            ..MulticastConfig::default()
+        });
+        assert!(e.contains("--multicast_group6"), "{e}");
+        let v6 = |ip: &str| {
+            let ctx = Context::standalone("blue", Role::Worker, ip.parse().unwrap(), 8081, None);
+            MulticastDiscovery::new(MulticastConfig::default(), ctx)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = v6("fe80::1");
+        assert!(
+            e.contains("link-local") && e.contains("--private_ip_selector"),
+            "{e}"
+        );
+        // An address no interface holds (inside the documentation range).
+        let e = v6("2001:db8:ffff::77");
+        assert!(
+            e.contains("no interface holds the private IP 2001:db8:ffff::77")
+                && e.contains("--private_ip_selector"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_interface_comes_from_the_kernels_address_table() {
+        let table = "\
+fd000000000000000000000000000002 04 40 00 82     eth0
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+20010002000000010000000000000002 1a 40 00 80     tb1v02
+00000000000000000000000000000001 01 80 10 80       lo
+garbage line
+";
+        let ip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        assert_eq!(ifindex_of(table, ip("fd00::2")), Some(4));
+        assert_eq!(ifindex_of(table, ip("2001:2:0:1::2")), Some(0x1a));
+        assert_eq!(ifindex_of(table, ip("::1")), Some(1));
+        assert_eq!(ifindex_of(table, ip("fd00::3")), None);
+        assert_eq!(ifindex_of("", ip("fd00::2")), None);
+        assert!(is_link_local_group(DEFAULT_GROUP6));
+        assert!(is_link_local_group(ip("ff12::1")));
+        assert!(!is_link_local_group(ip("ff05::1")));
+        assert!(!is_link_local_group(ip("fe80::1")));
     }
 
     #[tokio::test]
@@ -728,7 +968,7 @@ mod tests {
             cluster_name: "blue".into(),
             role: Role::Scheduler,
             node_id: Uuid::from_u128(7),
-            ip: Ipv4Addr::new(127, 0, 0, 7),
+            ip: Ipv4Addr::new(127, 0, 0, 7).into(),
             port: 8081,
             interval_ms: 1000,
         };
@@ -780,6 +1020,98 @@ mod tests {
             ),
             (6, 1, 1, 1, 2, 1)
         );
+        // The same counts reach /metrics through the contract, every counter once.
+        let counters = Discover::counters(&d);
+        assert_eq!(counters.len(), 11);
+        let value = |name: &str| counters.iter().find(|c| c.name == name).map(|c| c.value);
+        assert_eq!(value("node_discovery_multicast_received"), Some(6));
+        assert_eq!(value("node_discovery_multicast_dropped_malformed"), Some(2));
+        assert_eq!(value("node_discovery_multicast_dropped_oversized"), Some(1));
+        assert_eq!(value("node_discovery_multicast_skipped_own"), Some(1));
+        let mut names: Vec<&str> = counters.iter().map(|c| c.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 11, "names are unique");
+        assert!(
+            counters
+                .iter()
+                .all(|c| !c.name.ends_with("_total") && c.help.ends_with('.'))
+        );
+    }
+
+    /// An IPv6 backend without sockets (joining a group on `lo` is not portable), for `hear`.
+    fn backend6(ip: &str, selector: &str) -> MulticastDiscovery {
+        let ctx = Context::standalone(
+            "blue",
+            Role::Worker,
+            ip.parse().unwrap(),
+            8081,
+            Some(selector.parse().unwrap()),
+        );
+        MulticastDiscovery {
+            cfg: MulticastConfig::default(),
+            ip: ctx.private_ip,
+            ctx,
+            ifindex: 7,
+            seal: Arc::new(Plaintext),
+            stats: Arc::new(Stats::default()),
+            sockets: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn ipv6_announcements_are_sorted_like_ipv4_ones() {
+        let d = backend6("2001:2::2", "2001:2::/64");
+        assert_eq!(
+            d.group().to_string(),
+            format!("[{DEFAULT_GROUP6}%7]:54327"),
+            "the group carries the interface as its scope"
+        );
+        let mine = d.announcement(ALONE_INTERVAL);
+        assert_eq!(mine.addr(), "2001:2::2".parse::<IpAddr>().unwrap());
+        let peer = Announcement {
+            cluster_name: "blue".into(),
+            role: Role::Scheduler,
+            node_id: Uuid::from_u128(7),
+            ip: "2001:2::7".parse().unwrap(),
+            port: 8081,
+            interval_ms: 1000,
+        };
+        let enc = |a: &Announcement| a.encode().unwrap();
+        assert!(matches!(
+            d.hear(&enc(&peer), from("2001:2::7")),
+            Heard::Peer(_)
+        ));
+        // The source must be the announced address, even within the /64.
+        assert!(matches!(
+            d.hear(&enc(&peer), from("2001:2::8")),
+            Heard::Dropped(MulticastError::Malformed(_))
+        ));
+        // Our own echo, named with brackets.
+        match d.hear(&enc(&mine), from("2001:2::2")) {
+            Heard::Skipped(x) => {
+                assert_eq!(x.reason, "self");
+                assert!(x.id.starts_with("[2001:2::2]:8081 "), "{}", x.id);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A peer outside the selector.
+        let far = Announcement {
+            ip: "2001:2:0:9::7".parse().unwrap(),
+            ..peer.clone()
+        };
+        match d.hear(&enc(&far), from("2001:2:0:9::7")) {
+            Heard::Skipped(x) => {
+                assert!(x.reason.contains("outside"), "{}", x.reason);
+                assert!(x.id.starts_with("[2001:2:0:9::7]:8081 "), "{}", x.id);
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = d.stats();
+        assert_eq!(
+            (s.received, s.accepted, s.malformed, s.own, s.excluded),
+            (4, 1, 1, 1, 1)
+        );
     }
 
     /// A `MakeWriter` that keeps everything written, for reading log output back.
@@ -812,7 +1144,7 @@ mod tests {
                     .into(),
             role: Role::Worker,
             node_id: Uuid::from_u128(66),
-            ip: Ipv4Addr::new(127, 0, 0, 66),
+            ip: Ipv4Addr::new(127, 0, 0, 66).into(),
             port: 8081,
             interval_ms: 1000,
         };
@@ -850,7 +1182,7 @@ mod tests {
             cluster_name: "blue".into(),
             role: Role::Worker,
             node_id: Uuid::from_u128(9),
-            ip: Ipv4Addr::new(127, 0, 0, 9),
+            ip: Ipv4Addr::new(127, 0, 0, 9).into(),
             port: 8081,
             interval_ms: 1000,
         };

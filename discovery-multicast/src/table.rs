@@ -2,7 +2,7 @@
 //! once its sender has missed a few announcements.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use discovery::{Candidate, Role};
@@ -44,7 +44,7 @@ pub enum Insert {
 /// The peers heard recently, keyed by private address.
 #[derive(Debug)]
 pub struct Table {
-    entries: HashMap<(Ipv4Addr, u16), Entry>,
+    entries: HashMap<(IpAddr, u16), Entry>,
     cap: usize,
 }
 
@@ -114,10 +114,11 @@ impl Table {
             .entries
             .iter()
             .map(|(&(ip, port), e)| Candidate {
-                ip: IpAddr::V4(ip),
+                ip,
                 port,
                 id: Some(e.node_id.to_string()),
                 role: Some(e.role),
+                zone: None,
             })
             .collect();
         v.sort_by_key(|c| (c.ip, c.port));
@@ -128,13 +129,14 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn ann(n: u32, interval_ms: u32) -> Announcement {
         Announcement {
             cluster_name: "default".into(),
             role: Role::Worker,
             node_id: Uuid::from_u128(u128::from(n)),
-            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n),
+            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n).into(),
             port: 8081,
             interval_ms,
         }
@@ -174,6 +176,22 @@ mod tests {
         assert_eq!(t.insert(&ann(3, 1000), later), Insert::New);
         assert_eq!(t.insert(&ann(4, 1000), later), Insert::New);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_peers_are_keyed_by_their_full_address() {
+        let now = Instant::now();
+        let mut t = Table::new(4);
+        let v6 = |n: u32| Announcement {
+            ip: format!("2001:2::{n:x}").parse().unwrap(),
+            ..ann(n, 1000)
+        };
+        assert_eq!(t.insert(&v6(2), now), Insert::New);
+        assert_eq!(t.insert(&v6(3), now), Insert::New);
+        assert_eq!(t.insert(&v6(2), now), Insert::Refreshed);
+        assert_eq!(t.insert(&ann(2, 1000), now), Insert::New);
+        let got: Vec<String> = t.candidates().iter().map(|c| c.ip.to_string()).collect();
+        assert_eq!(got, ["198.18.0.2", "2001:2::2", "2001:2::3"]);
     }
 
     #[test]

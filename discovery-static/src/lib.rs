@@ -1,5 +1,9 @@
 //! Static discovery: `--static_members`, a comma list of IPs, `IP:port`s and DNS names.
 //!
+//! IPv6 addresses are written bare (`fd00::5`) or in brackets (`[fd00::5]`, `[fd00::5]:8081`);
+//! an unbracketed one whose last group could be a port (`fd00::5:8081`) is refused as
+//! ambiguous, and link-local ones (`fe80::/10`) are refused because they need an interface.
+//!
 //! DNS names are resolved again at every refresh, so a peer that moves is followed; a name that
 //! fails to resolve keeps its last good addresses, so a DNS hiccup never drops a peer. A port,
 //! when given, is the peer's `--private_port`; otherwise the local one is assumed. The list is
@@ -32,7 +36,7 @@ pub enum StaticError {
 
 impl From<StaticError> for DiscoveryError {
     fn from(e: StaticError) -> Self {
-        DiscoveryError::Config(e.to_string())
+        DiscoveryError::Config(Box::new(e))
     }
 }
 
@@ -82,15 +86,48 @@ fn valid_host(h: &str) -> bool {
         })
 }
 
-/// Parses one entry: `IP`, `IP:port`, `[IPv6]:port`, `host` or `host:port`.
+/// Refuses a link-local IPv6 address: without an interface (which member addresses do not
+/// carry) no peer can reach it.
+fn routable(entry: &str, ip: IpAddr) -> Result<IpAddr, StaticError> {
+    match ip {
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Err(StaticError::BadEntry {
+            entry: entry.into(),
+            reason: format!(
+                "{v6} is an IPv6 link-local address, usable only with an interface scope: list the peer's global or ULA address instead"
+            ),
+        }),
+        _ => Ok(ip),
+    }
+}
+
+/// An unbracketed IPv6 address whose last group could be a port, e.g. `fd00::5:8081`: both
+/// `fd00::5:8081` and `fd00::5` port 8081 read that way. Only a last group of 4 or 5 decimal
+/// digits after a valid address counts, so `fd00::5` or `2001:db8::1:1` are taken as written.
+fn ambiguous_v6(s: &str) -> Option<(&str, &str)> {
+    let (head, tail) = s.rsplit_once(':')?;
+    let port_like = (4..=5).contains(&tail.len())
+        && tail.bytes().all(|b| b.is_ascii_digit())
+        && tail.parse::<u16>().is_ok_and(|p| p > 0);
+    (port_like && head.parse::<std::net::Ipv6Addr>().is_ok()).then_some((head, tail))
+}
+
+/// Parses one entry: `IP`, `IP:port`, `[IPv6]`, `[IPv6]:port`, `host` or `host:port`.
 pub fn parse_entry(raw: &str) -> Result<Entry, StaticError> {
     let s = raw.trim();
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(Entry::Ip(ip, None));
+        if let Some((head, tail)) = ambiguous_v6(s) {
+            return Err(StaticError::BadEntry {
+                entry: s.into(),
+                reason: format!(
+                    "ambiguous IPv6 entry: write [{head}]:{tail} for address {head} and port {tail}, or [{s}] for the whole address"
+                ),
+            });
+        }
+        return Ok(Entry::Ip(routable(s, ip)?, None));
     }
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(Entry::Ip(
-            sa.ip(),
+            routable(s, sa.ip())?,
             Some(parse_port(s, &sa.port().to_string())?),
         ));
     }
@@ -104,6 +141,7 @@ pub fn parse_entry(raw: &str) -> Result<Entry, StaticError> {
             entry: s.into(),
             reason: format!("`{inner}` is not an IPv6 address"),
         })?;
+        let ip = routable(s, ip)?;
         return match tail.strip_prefix(':') {
             None if tail.is_empty() => Ok(Entry::Ip(ip, None)),
             Some(p) => Ok(Entry::Ip(ip, Some(parse_port(s, p)?))),
@@ -113,16 +151,19 @@ pub fn parse_entry(raw: &str) -> Result<Entry, StaticError> {
             }),
         };
     }
+    if let Some((head, tail)) = s.rsplit_once(':').filter(|(h, _)| h.contains(':')) {
+        // Two colons or more and not an address: an IPv6 address with a port, unbracketed.
+        return Err(StaticError::BadEntry {
+            entry: s.into(),
+            reason: format!(
+                "an IPv6 address with a port must be written in brackets, as [addr]:port (e.g. [{head}]:{tail}), and a bare one must be a valid IPv6 address"
+            ),
+        });
+    }
     let (host, port) = match s.rsplit_once(':') {
         Some((h, p)) => (h, Some(parse_port(s, p)?)),
         None => (s, None),
     };
-    if host.contains(':') {
-        return Err(StaticError::BadEntry {
-            entry: s.into(),
-            reason: "an IPv6 address with a port must be written as [addr]:port".into(),
-        });
-    }
     if !valid_host(host) {
         return Err(StaticError::BadEntry {
             entry: s.into(),
@@ -367,11 +408,96 @@ mod tests {
         let e = parse_entry("10.0.0.5:64000").unwrap_err().to_string();
         assert!(e.contains("+2000"), "{e}");
         let e = parse_entry("fd00::5:x").unwrap_err().to_string();
-        assert!(e.contains("fd00::5:x"), "{e}");
+        assert!(e.contains("fd00::5:x") && e.contains("[fd00::5]:x"), "{e}");
         let e = parse_entry("no spaces allowed").unwrap_err().to_string();
         assert!(e.contains("not an IP address or a DNS name"), "{e}");
         assert_eq!(parse_list(" , ,").unwrap_err(), StaticError::Empty);
         assert!(StaticError::Empty.to_string().contains("--static_members"));
+    }
+
+    #[test]
+    fn ipv6_entries_need_brackets_for_a_port() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (raw, want) in [
+            ("2001:2::5", Entry::Ip(ip("2001:2::5"), None)),
+            ("[2001:2::5]", Entry::Ip(ip("2001:2::5"), None)),
+            ("[2001:2::5]:8081", Entry::Ip(ip("2001:2::5"), Some(8081))),
+            (
+                " [2001:2:0:1::2]:9081 ",
+                Entry::Ip(ip("2001:2:0:1::2"), Some(9081)),
+            ),
+            // Bracketed, the last group is always part of the address.
+            ("[2001:2::5:8081]", Entry::Ip(ip("2001:2::5:8081"), None)),
+            // Short last groups and hex ones read as written.
+            ("2001:db8::1:1", Entry::Ip(ip("2001:db8::1:1"), None)),
+            ("fd00::5:beef", Entry::Ip(ip("fd00::5:beef"), None)),
+            // `fd00:` is no address, so nothing else could be meant.
+            ("fd00::8081", Entry::Ip(ip("fd00::8081"), None)),
+            ("2001:2:0:0:0:0:0:8081", Entry::Ip(ip("2001:2::8081"), None)),
+            ("::1", Entry::Ip(ip("::1"), None)),
+            ("[::1]:8081", Entry::Ip(ip("::1"), Some(8081))),
+        ] {
+            assert_eq!(parse_entry(raw).unwrap(), want, "{raw}");
+        }
+        // An unbracketed IPv6 address with a port: the error shows the bracketed form.
+        for (raw, hint) in [
+            ("2001:2:0:0:0:0:0:5:8081", "[2001:2:0:0:0:0:0:5]:8081"),
+            ("fd00::5::8081", "[fd00::5:]:8081"),
+            ("2001:2::5:80x", "[2001:2::5]:80x"),
+            // 10081 is no hex group: not an address, so a port without brackets.
+            ("fd00::1:10081", "[fd00::1]:10081"),
+        ] {
+            let e = parse_entry(raw).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{raw}`")) && e.contains("brackets") && e.contains(hint),
+                "{raw}: {e}"
+            );
+        }
+        // A last group that reads as a port is ambiguous: both spellings are offered.
+        for raw in ["2001:2::5:8081", "fd00::1:9081"] {
+            let e = parse_entry(raw).unwrap_err().to_string();
+            let (head, tail) = raw.rsplit_once(':').unwrap();
+            assert!(
+                e.contains("ambiguous")
+                    && e.contains(&format!("[{head}]:{tail}"))
+                    && e.contains(&format!("[{raw}]")),
+                "{raw}: {e}"
+            );
+        }
+        // Link-local addresses are refused in every spelling.
+        for raw in ["fe80::1", "[fe80::1]", "[fe80::1]:8081", "[fe80::1%2]:8081"] {
+            let e = parse_entry(raw).unwrap_err().to_string();
+            assert!(
+                e.contains("link-local") && e.contains("global or ULA"),
+                "{raw}: {e}"
+            );
+        }
+        // Bad ports inside brackets name the range.
+        let e = parse_entry("[2001:2::5]:64000").unwrap_err().to_string();
+        assert!(e.contains("+2000"), "{e}");
+        let e = parse_entry("[2001:2::5]:").unwrap_err().to_string();
+        assert!(e.contains("not a port number"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn ipv6_peers_become_candidates_and_self_is_excluded() {
+        let me = Context::standalone(
+            "default",
+            Role::Worker,
+            "2001:2::2".parse().unwrap(),
+            8081,
+            Some("2001:2::/64".parse().unwrap()),
+        );
+        let d = StaticDiscovery::new("[2001:2::2]:8081, [2001:2::3]:8081, 2001:2::4", me).unwrap();
+        let r = d.discover().await.unwrap();
+        let got: Vec<String> = r
+            .candidates
+            .iter()
+            .map(|c| SocketAddr::new(c.ip, c.port).to_string())
+            .collect();
+        assert_eq!(got, ["[2001:2::3]:8081", "[2001:2::4]:8081"]);
+        assert_eq!(r.excluded.len(), 1);
+        assert_eq!(r.excluded[0].reason, "self");
     }
 
     /// Knows `peer.test` and `moving.test` (whose address changes on every lookup) only.

@@ -9,7 +9,8 @@
 //! metadata server that answers only requests carrying `Metadata-Flavor: Google`.
 //!
 //! Faults can be injected: an error status for the next N compute calls, a persistent error or a
-//! delay for one zone, and a delay for every compute call. Every compute request is recorded,
+//! delay for one zone, a delay for every compute call, and a delay for every page after the
+//! first. NICs are IPv4-only, dual-stack or IPv6-only (`networkIP`, internal `ipv6Address`). Every compute request is recorded,
 //! so tests can assert on the filters and page tokens the client sent.
 //!
 //! Both APIs are served on one port: point `--gcp_endpoint` at [`GceFake::endpoint`] and
@@ -20,7 +21,7 @@ mod filter;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,8 +67,18 @@ pub struct InstanceSpec {
     pub status: String,
     /// The instance labels.
     pub labels: BTreeMap<String, String>,
-    /// The `networkIP` of each NIC, in order (`nic0`, `nic1`, ...).
-    pub nics: Vec<IpAddr>,
+    /// The NICs, in order (`nic0`, `nic1`, ...).
+    pub nics: Vec<NicSpec>,
+}
+
+/// One network interface: its internal IPv4 (`networkIP`) and internal IPv6 (`ipv6Address`)
+/// addresses; the `stackType` follows from which are set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicSpec {
+    /// `networkIP`; `None` on an IPv6-only interface.
+    pub network_ip: Option<IpAddr>,
+    /// `ipv6Address` (internal IPv6, `ipv6AccessType: INTERNAL`); `None` on an IPv4-only one.
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 impl InstanceSpec {
@@ -93,9 +104,32 @@ impl InstanceSpec {
         self
     }
 
-    /// Adds a NIC with this `networkIP`.
+    /// Adds an IPv4-only NIC with this `networkIP`.
     pub fn nic(mut self, ip: IpAddr) -> Self {
-        self.nics.push(ip);
+        self.nics.push(NicSpec {
+            network_ip: Some(ip),
+            ipv6: None,
+        });
+        self
+    }
+
+    /// Adds a dual-stack NIC (`stackType: IPV4_IPV6`) with this `networkIP` and internal
+    /// `ipv6Address`.
+    pub fn dual_stack_nic(mut self, ip: IpAddr, ipv6: Ipv6Addr) -> Self {
+        self.nics.push(NicSpec {
+            network_ip: Some(ip),
+            ipv6: Some(ipv6),
+        });
+        self
+    }
+
+    /// Adds an IPv6-only NIC (`stackType: IPV6_ONLY`, no `networkIP`) with this internal
+    /// `ipv6Address`.
+    pub fn ipv6_only_nic(mut self, ipv6: Ipv6Addr) -> Self {
+        self.nics.push(NicSpec {
+            network_ip: None,
+            ipv6: Some(ipv6),
+        });
         self
     }
 }
@@ -166,6 +200,8 @@ struct Faults {
     zone_delay: HashMap<String, Duration>,
     /// A delay for every compute call.
     delay: Duration,
+    /// A delay for every compute call that carries a `pageToken` (every page but the first).
+    later_pages: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -376,7 +412,14 @@ impl GceFake {
         lock(&self.state).faults.delay = delay;
     }
 
-    /// Every compute request so far.
+    /// Every compute call that carries a `pageToken`, that is every page after the first, is
+    /// delayed by `delay` (zero clears it), so tests can see what a client does with the first
+    /// page before the last one is served.
+    pub fn delay_later_pages(&self, delay: Duration) {
+        lock(&self.state).faults.later_pages = delay;
+    }
+
+    /// Every compute request so far, in the order their answers were sent.
     pub fn requests(&self) -> Vec<Recorded> {
         lock(&self.state).log.clone()
     }
@@ -581,6 +624,28 @@ fn parse_filter(q: &HashMap<String, String>) -> Result<(String, filter::Filter),
     }
 }
 
+/// What a list call asks for: page size, filter and where the page starts.
+struct Paging {
+    max: usize,
+    raw_filter: String,
+    filter: filter::Filter,
+    offset: usize,
+}
+
+/// Reads `maxResults`, `filter` and `pageToken` (bound to `scope` and the filter), or the
+/// 400 that the first bad one gets.
+fn paging(q: &HashMap<String, String>, scope: &str) -> Result<Paging, Box<Response>> {
+    let max = max_results(q)?;
+    let (raw_filter, filter) = parse_filter(q)?;
+    let offset = page_offset(q, scope, &raw_filter)?;
+    Ok(Paging {
+        max,
+        raw_filter,
+        filter,
+        offset,
+    })
+}
+
 fn filter_hash(scope: &str, filter: &str) -> u64 {
     let mut h = DefaultHasher::new();
     scope.hash(&mut h);
@@ -639,16 +704,29 @@ fn instance_json(project: &str, zone: &str, i: &Stored) -> Value {
         .nics
         .iter()
         .enumerate()
-        .map(|(n, ip)| {
-            json!({
+        .map(|(n, nic)| {
+            let mut v = json!({
                 "kind": "compute#networkInterface",
                 "name": format!("nic{n}"),
                 "network": format!("{API_BASE}/projects/{project}/global/networks/net{n}"),
                 "subnetwork": format!("{API_BASE}/projects/{project}/regions/{region}/subnetworks/subnet{n}"),
-                "networkIP": ip.to_string(),
                 "fingerprint": fingerprint(&format!("{}{n}", i.spec.name)),
-                "stackType": "IPV4_ONLY",
-            })
+                "stackType": match (nic.network_ip, nic.ipv6) {
+                    (Some(_), Some(_)) => "IPV4_IPV6",
+                    (None, Some(_)) => "IPV6_ONLY",
+                    _ => "IPV4_ONLY",
+                },
+            });
+            if let Some(ip) = nic.network_ip {
+                v["networkIP"] = json!(ip.to_string());
+            }
+            // Internal IPv6: the address, its access type and the subnet's /96 prefix length.
+            if let Some(ip6) = nic.ipv6 {
+                v["ipv6Address"] = json!(ip6.to_string());
+                v["ipv6AccessType"] = json!("INTERNAL");
+                v["internalIpv6PrefixLength"] = json!(96);
+            }
+            v
         })
         .collect();
     let mut v = json!({
@@ -680,6 +758,15 @@ fn matches(f: &filter::Filter, i: &Stored) -> bool {
     })
 }
 
+/// The injected delay for a call that asks for a page after the first.
+fn later_page_delay(f: &Faults, q: &HashMap<String, String>) -> Duration {
+    if q.get("pageToken").is_some_and(|t| !t.is_empty()) {
+        f.later_pages
+    } else {
+        Duration::ZERO
+    }
+}
+
 fn record(state: &Shared, path: String, q: &HashMap<String, String>, status: u16, at: Instant) {
     lock(state).log.push(Recorded {
         path,
@@ -698,7 +785,9 @@ async fn list_zone(
     let at = Instant::now();
     let delay = {
         let s = lock(&state);
-        s.faults.delay + s.faults.zone_delay.get(&zone).copied().unwrap_or_default()
+        s.faults.delay
+            + s.faults.zone_delay.get(&zone).copied().unwrap_or_default()
+            + later_page_delay(&s.faults, &q)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -736,24 +825,19 @@ fn list_zone_inner(
             "global",
         );
     };
-    let max = match max_results(q) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let (raw_filter, f) = match parse_filter(q) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
     let scope = format!("{project}/{zone}");
-    let offset = match page_offset(q, &scope, &raw_filter) {
-        Ok(o) => o,
+    let pg = match paging(q, &scope) {
+        Ok(pg) => pg,
         Err(r) => return *r,
     };
-    let hits: Vec<&Stored> = instances.iter().filter(|i| matches(&f, i)).collect();
+    let hits: Vec<&Stored> = instances
+        .iter()
+        .filter(|i| matches(&pg.filter, i))
+        .collect();
     let page: Vec<Value> = hits
         .iter()
-        .skip(offset)
-        .take(max)
+        .skip(pg.offset)
+        .take(pg.max)
         .map(|i| instance_json(project, zone, i))
         .collect();
     let mut body = json!({
@@ -764,8 +848,8 @@ fn list_zone_inner(
     if !page.is_empty() {
         body["items"] = Value::Array(page);
     }
-    if offset + max < hits.len() {
-        body["nextPageToken"] = json!(page_token(offset + max, &scope, &raw_filter));
+    if pg.offset + pg.max < hits.len() {
+        body["nextPageToken"] = json!(page_token(pg.offset + pg.max, &scope, &pg.raw_filter));
     }
     json_ok(body)
 }
@@ -786,7 +870,10 @@ async fn list_aggregated(
     headers: HeaderMap,
 ) -> Response {
     let at = Instant::now();
-    let delay = lock(&state).faults.delay;
+    let delay = {
+        let s = lock(&state);
+        s.faults.delay + later_page_delay(&s.faults, &q)
+    };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -811,17 +898,9 @@ fn list_aggregated_inner(
     if let Err(r) = precheck(&mut s, headers, project) {
         return *r;
     }
-    let max = match max_results(q) {
-        Ok(m) => m,
-        Err(r) => return *r,
-    };
-    let (raw_filter, f) = match parse_filter(q) {
-        Ok(x) => x,
-        Err(r) => return *r,
-    };
     let scope = format!("{project}/aggregated");
-    let offset = match page_offset(q, &scope, &raw_filter) {
-        Ok(o) => o,
+    let pg = match paging(q, &scope) {
+        Ok(pg) => pg,
         Err(r) => return *r,
     };
     let partial = q.get("returnPartialSuccess").map(String::as_str) == Some("true");
@@ -844,12 +923,12 @@ fn list_aggregated_inner(
         }
         hits.extend(
             list.iter()
-                .filter(|i| matches(&f, i))
+                .filter(|i| matches(&pg.filter, i))
                 .map(|i| (zone.as_str(), i)),
         );
     }
     let mut per_zone: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for (zone, i) in hits.iter().skip(offset).take(max) {
+    for (zone, i) in hits.iter().skip(pg.offset).take(pg.max) {
         per_zone
             .entry(zone)
             .or_default()
@@ -886,8 +965,8 @@ fn list_aggregated_inner(
         "items": items,
         "selfLink": format!("{API_BASE}/projects/{project}/aggregated/instances"),
     });
-    if offset + max < hits.len() {
-        body["nextPageToken"] = json!(page_token(offset + max, &scope, &raw_filter));
+    if pg.offset + pg.max < hits.len() {
+        body["nextPageToken"] = json!(page_token(pg.offset + pg.max, &scope, &pg.raw_filter));
     }
     if partial && !unreachable.is_empty() {
         let list: Vec<String> = unreachable.iter().map(|z| format!("zones/{z}")).collect();

@@ -273,3 +273,72 @@ async fn injected_faults_answer_in_googles_format_then_clear() {
         .await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn nics_carry_internal_ipv6_addresses_with_their_stack_type() {
+    let t = T::new();
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    t.fake.add_instance(
+        "test-project",
+        "us-central1-a",
+        InstanceSpec::running("dual")
+            .dual_stack_nic(std::net::IpAddr::from([198, 18, 0, 1]), v6("2001:2:0:1::1"))
+            .ipv6_only_nic(v6("2001:2:0:2::1"))
+            .nic(std::net::IpAddr::from([198, 18, 0, 2])),
+    );
+    let tok = t.token().await;
+    let (code, v) = t
+        .compute(
+            "/compute/v1/projects/test-project/zones/us-central1-a/instances",
+            Some(&tok),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let nics = v["items"][0]["networkInterfaces"].as_array().unwrap();
+    assert_eq!(nics[0]["stackType"], "IPV4_IPV6");
+    assert_eq!(nics[0]["networkIP"], "198.18.0.1");
+    assert_eq!(nics[0]["ipv6Address"], "2001:2:0:1::1");
+    assert_eq!(nics[0]["ipv6AccessType"], "INTERNAL");
+    assert_eq!(nics[0]["internalIpv6PrefixLength"], 96);
+    assert_eq!(nics[1]["stackType"], "IPV6_ONLY");
+    assert!(nics[1].get("networkIP").is_none(), "{}", nics[1]);
+    assert_eq!(nics[1]["ipv6Address"], "2001:2:0:2::1");
+    assert_eq!(nics[2]["stackType"], "IPV4_ONLY");
+    assert!(nics[2].get("ipv6Address").is_none(), "{}", nics[2]);
+}
+
+#[tokio::test]
+async fn later_pages_can_be_delayed_while_the_first_is_served_at_once() {
+    let t = T::new();
+    for n in 0..3u8 {
+        t.fake.add_instance(
+            "test-project",
+            "us-central1-a",
+            InstanceSpec::running(format!("vm-{n}")).nic(std::net::IpAddr::from([
+                198,
+                18,
+                0,
+                n + 1,
+            ])),
+        );
+    }
+    t.fake.delay_later_pages(Duration::from_millis(600));
+    let tok = t.token().await;
+    let base = "/compute/v1/projects/test-project/zones/us-central1-a/instances?maxResults=2";
+    let started = std::time::Instant::now();
+    let (_, first) = t.compute(base, Some(&tok)).await;
+    let first_took = started.elapsed();
+    assert!(first_took < Duration::from_millis(500), "{first_took:?}");
+    let pt = first["nextPageToken"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let (code, second) = t
+        .compute(&format!("{base}&pageToken={pt}"), Some(&tok))
+        .await;
+    assert_eq!(code, 200);
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert_eq!(second["items"][0]["name"], "vm-2");
+    let log = t.fake.requests();
+    assert_eq!(log.len(), 2);
+    assert!(!log[0].query.contains_key("pageToken"));
+    assert!(log[1].query.contains_key("pageToken"));
+}

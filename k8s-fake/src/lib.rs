@@ -3,8 +3,13 @@
 //! It serves HTTPS with a CA and server certificate generated per instance (rcgen), checks
 //! bearer tokens (401/403 with `Status` objects), and serves pods and EndpointSlices with
 //! `labelSelector`, `limit`/`continue` (consistent snapshots), `resourceVersion` and
-//! `watch=true` streams of `ADDED`/`MODIFIED`/`DELETED` events. It runs on its own thread and
-//! runtime, so both plain and async tests can drive it; dropping it stops the server.
+//! `watch=true` streams of `ADDED`/`MODIFIED`/`DELETED` events. It also serves `GET` of one pod
+//! (`/api/v1/namespaces/{ns}/pods/{name}`) and the cluster-scoped nodes (`/api/v1/nodes`,
+//! `/api/v1/nodes/{name}`), which a token reads only when granted at the cluster scope
+//! ([`FakeApi::grant_nodes`]); otherwise the answer is the API server's `403 Forbidden`
+//! `Status`. Pages after the first can be delayed ([`FakeApi::delay_continued_lists`]). It runs
+//! on its own thread and runtime, so both plain and async tests can drive it; dropping it stops
+//! the server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -19,7 +24,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -47,6 +52,8 @@ pub enum FakeError {
 enum Res {
     Pods,
     EndpointSlices,
+    /// Cluster-scoped: stored under the namespace "".
+    Nodes,
 }
 
 impl Res {
@@ -54,17 +61,18 @@ impl Res {
         match self {
             Res::Pods => "pods",
             Res::EndpointSlices => "endpointslices",
+            Res::Nodes => "nodes",
         }
     }
     fn group(self) -> &'static str {
         match self {
-            Res::Pods => "",
+            Res::Pods | Res::Nodes => "",
             Res::EndpointSlices => "discovery.k8s.io",
         }
     }
     fn api_version(self) -> &'static str {
         match self {
-            Res::Pods => "v1",
+            Res::Pods | Res::Nodes => "v1",
             Res::EndpointSlices => "discovery.k8s.io/v1",
         }
     }
@@ -72,6 +80,14 @@ impl Res {
         match self {
             Res::Pods => "PodList",
             Res::EndpointSlices => "EndpointSliceList",
+            Res::Nodes => "NodeList",
+        }
+    }
+    fn kind(self) -> &'static str {
+        match self {
+            Res::Pods => "Pod",
+            Res::EndpointSlices => "EndpointSlice",
+            Res::Nodes => "Node",
         }
     }
 }
@@ -94,6 +110,8 @@ struct Grant {
     user: String,
     namespaces: Vec<String>,
     watch: bool,
+    /// get, list and watch nodes (a ClusterRole bound at the cluster scope).
+    nodes: bool,
 }
 
 #[derive(Debug, Default)]
@@ -109,6 +127,8 @@ struct State {
     snapshots: BTreeMap<u64, Arc<Objects>>,
     grants: HashMap<String, Grant>,
     requests: Vec<String>,
+    /// A delay for every list request that carries a `continue` token.
+    continue_delay: Duration,
     uid: u64,
 }
 
@@ -274,8 +294,29 @@ impl FakeApi {
                 user: format!("system:serviceaccount:{first}:cluster-start"),
                 namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
                 watch,
+                nodes: false,
             },
         );
+    }
+
+    /// Also lets `token` get, list and watch nodes, as a ClusterRole bound with a
+    /// ClusterRoleBinding does; a token without it gets `403 Forbidden` for nodes.
+    pub fn grant_nodes(&self, token: &str) {
+        if let Some(g) = lock(&self.state).grants.get_mut(token) {
+            g.nodes = true;
+        }
+    }
+
+    /// Every list request that carries a `continue` token (every page after the first) is
+    /// answered `delay` later (zero clears it), so tests can see what a client does with the
+    /// first page before the last one is served.
+    pub fn delay_continued_lists(&self, delay: Duration) {
+        lock(&self.state).continue_delay = delay;
+    }
+
+    /// Creates or replaces a node (cluster-scoped); returns the new resourceVersion.
+    pub fn put_node(&self, node: &Node) -> u64 {
+        self.put(Res::Nodes, "", to_value(node))
     }
 
     /// Every request so far, as `path?query`.
@@ -289,12 +330,16 @@ impl FakeApi {
     }
 
     /// Simulates an API server restart during which `pod` changed and etcd compacted: every
-    /// open watch closes, and a watch that resumes from an older resourceVersion gets
-    /// `410 Gone`. All of it happens under one lock, so no watch can slip in between.
+    /// open watch closes without seeing the change (the server was down when it happened),
+    /// and a watch that resumes from an older resourceVersion gets `410 Gone`, so only a new
+    /// list shows the change. All of it happens under one lock, so no watch can slip in
+    /// between.
     pub fn restart_with_change(&self, ns: &str, pod: &Pod) -> u64 {
         let mut s = lock(&self.state);
         self.kick.send_modify(|k| *k += 1);
-        let rv = put_locked(&mut s, &self.events, Res::Pods, ns, to_value(pod));
+        // No open watch hears of this change.
+        let (unheard, _) = broadcast::channel(1);
+        let rv = put_locked(&mut s, &unheard, Res::Pods, ns, to_value(pod));
         s.history.clear();
         s.oldest_watchable = s.rv;
         s.snapshots.clear();
@@ -428,6 +473,34 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
+/// A node as the API server shows it, labelled with its zone (`topology.kubernetes.io/zone`)
+/// and region when given.
+pub fn node_in_zone(name: &str, zone: Option<&str>) -> Node {
+    let mut labels = BTreeMap::from([
+        ("kubernetes.io/hostname".to_owned(), name.to_owned()),
+        ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+    ]);
+    if let Some(z) = zone {
+        labels.insert("topology.kubernetes.io/zone".to_owned(), z.to_owned());
+        let region = z.rsplit_once('-').map_or(z, |(r, _)| r);
+        labels.insert(
+            "topology.kubernetes.io/region".to_owned(),
+            region.to_owned(),
+        );
+    }
+    let v = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"podCIDR": "198.18.128.0/24"},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "addresses": [{"type": "Hostname", "address": name}],
+        },
+    });
+    serde_json::from_value(v).unwrap_or_default()
+}
+
 /// A pod as the API server would show it once scheduled: phase `Running`, `podIP` set, ready.
 pub fn running_pod(name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
     let labels: BTreeMap<String, String> = labels
@@ -485,14 +558,30 @@ async fn serve(
             else {
                 return;
             };
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req)) }
+                async move {
+                    let delay = continued_list_delay(&shared, req.uri().query());
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(handle(&shared, req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });
+    }
+}
+
+/// The injected delay for a list page after the first (a request with a `continue` token).
+fn continued_list_delay(shared: &Shared, query: Option<&str>) -> Duration {
+    let q = query_map(query);
+    if q.get("continue").is_some_and(|c| !c.is_empty()) {
+        lock(&shared.state).continue_delay
+    } else {
+        Duration::ZERO
     }
 }
 
@@ -566,10 +655,18 @@ fn query_map(q: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
-fn route(path: &str) -> Option<(Res, String)> {
+/// The resource, its namespace ("" for nodes) and, for a `GET` of one object, its name.
+fn route(path: &str) -> Option<(Res, String, Option<String>)> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["", "api", "v1", "namespaces", ns, "pods"] => Some((Res::Pods, ns.to_string())),
+        ["", "api", "v1", "namespaces", ns, "pods"] => Some((Res::Pods, ns.to_string(), None)),
+        ["", "api", "v1", "namespaces", ns, "pods", name] => {
+            Some((Res::Pods, ns.to_string(), Some(name.to_string())))
+        }
+        ["", "api", "v1", "nodes"] => Some((Res::Nodes, String::new(), None)),
+        ["", "api", "v1", "nodes", name] => {
+            Some((Res::Nodes, String::new(), Some(name.to_string())))
+        }
         [
             "",
             "apis",
@@ -578,7 +675,7 @@ fn route(path: &str) -> Option<(Res, String)> {
             "namespaces",
             ns,
             "endpointslices",
-        ] => Some((Res::EndpointSlices, ns.to_string())),
+        ] => Some((Res::EndpointSlices, ns.to_string(), None)),
         _ => None,
     }
 }
@@ -633,7 +730,7 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             None,
         );
     };
-    let Some((res, ns)) = route(&path) else {
+    let Some((res, ns, name)) = route(&path) else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -643,7 +740,11 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     };
     let q = query_map(query.as_deref());
     let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    let verb = if watching { "watch" } else { "list" };
+    let verb = match (&name, watching) {
+        (Some(_), _) => "get",
+        (None, true) => "watch",
+        (None, false) => "list",
+    };
     if req.method() != hyper::Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -652,19 +753,15 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             None,
         );
     }
-    if !grant.namespaces.contains(&ns) || (watching && !grant.watch) {
-        let group = res.group();
-        return status(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            &format!(
-                "{} is forbidden: User \"{}\" cannot {verb} resource \"{}\" in API group \"{group}\" in the namespace \"{ns}\"",
-                res.plural(),
-                grant.user,
-                res.plural()
-            ),
-            Some(json!({"kind": res.plural(), "group": group})),
-        );
+    let allowed = match res {
+        Res::Nodes => grant.nodes,
+        _ => grant.namespaces.contains(&ns) && (!watching || grant.watch),
+    };
+    if !allowed {
+        return forbidden(res, &ns, name.as_deref(), verb, &grant.user);
+    }
+    if let Some(name) = name {
+        return get_one(shared, res, &ns, &name);
     }
     let selector = match Selector::parse(q.get("labelSelector").map_or("", String::as_str)) {
         Ok(s) => s,
@@ -681,6 +778,57 @@ fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         watch(shared, res, ns, selector, &q)
     } else {
         list(shared, res, ns, selector, &q)
+    }
+}
+
+/// The API server's `403` for `user`: the object (when one is named), the verb, the resource
+/// and where ("in the namespace" or "at the cluster scope").
+fn forbidden(res: Res, ns: &str, name: Option<&str>, verb: &str, user: &str) -> Response<Body> {
+    let group = res.group();
+    let plural = res.plural();
+    let what = match name {
+        Some(n) => format!("{plural} \"{n}\""),
+        None => plural.to_owned(),
+    };
+    let scope = match res {
+        Res::Nodes => "at the cluster scope".to_owned(),
+        _ => format!("in the namespace \"{ns}\""),
+    };
+    let mut details = json!({"kind": plural});
+    if !group.is_empty() {
+        details["group"] = json!(group);
+    }
+    if let Some(n) = name {
+        details["name"] = json!(n);
+    }
+    status(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        &format!(
+            "{what} is forbidden: User \"{user}\" cannot {verb} resource \"{plural}\" in API group \"{group}\" {scope}"
+        ),
+        Some(details),
+    )
+}
+
+/// `GET` of one object: the object with its `apiVersion` and `kind`, or `404 NotFound`.
+fn get_one(shared: &Shared, res: Res, ns: &str, name: &str) -> Response<Body> {
+    let found = lock(&shared.state)
+        .objects
+        .get(&(res, ns.to_owned(), name.to_owned()))
+        .cloned();
+    match found {
+        Some(mut obj) => {
+            obj["apiVersion"] = json!(res.api_version());
+            obj["kind"] = json!(res.kind());
+            json_response(StatusCode::OK, &obj)
+        }
+        None => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} \"{name}\" not found", res.plural()),
+            Some(json!({"name": name, "kind": res.plural()})),
+        ),
     }
 }
 
@@ -878,10 +1026,7 @@ fn watch(
         (initial, s.rv, expired)
     };
     let api_version = res.api_version();
-    let kind = match res {
-        Res::Pods => "Pod",
-        Res::EndpointSlices => "EndpointSlice",
-    };
+    let kind = res.kind();
     tokio::spawn(async move {
         for b in initial {
             if tx.send(b).await.is_err() {

@@ -533,16 +533,6 @@ impl Sealer {
     }
 }
 
-impl discovery::Seal for Sealer {
-    fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
-        Sealer::seal(self, aad, plain)
-    }
-
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, &'static str> {
-        Sealer::open(self, aad, sealed).map_err(|e| e.reason())
-    }
-}
-
 /// The associated data that binds a message to a cluster name and a logical cluster
 /// (`scheduler`, `all` or `multicast`).
 pub fn aad(cluster_name: &str, logical: &str) -> Vec<u8> {

@@ -8,30 +8,36 @@
 //! before foca believes it, so one lying or forged packet cannot freeze lists, remove a live
 //! member or make this member an amplifier.
 //!
+//! The sub-state machines live in their own modules, each with its own tests:
+//! [`crate::lifeguard`] (suspicion timeouts, confirmations, health), [`crate::sequencer`]
+//! (list versions, the adopt rules), [`crate::joins`] (candidate retries with backoff),
+//! [`crate::timers`] (foca's timer queue) and [`crate::index`] (lookups into foca's state).
+//! This file wires them to foca and to the wire format, and screens what peers say.
+//!
 //! The engine reads no clock and does no I/O: the driver passes `now` (time since some fixed
 //! start) into every call and carries out the [`Output`]s. That lets [`crate::sim`] run many
 //! engines in virtual time.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::num::{NonZeroU8, NonZeroUsize};
 use std::time::Duration;
 
-use foca::{Foca, Member, NoCustomBroadcast, OwnedNotification, PeriodicParams, Runtime, Timer};
+use foca::{AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, Timer};
 use rand::rngs::StdRng;
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 use uuid::Uuid;
 
 use crate::MembershipError;
-use crate::id::NodeId;
-use crate::list::{self, MemberList};
+pub use crate::config::Config;
+use crate::id::{NodeId, Zone};
+use crate::index::MemberIndex;
+use crate::joins::Joins;
+use crate::lifeguard::Lifeguard;
+use crate::list::MemberList;
+use crate::sequencer::{Issue, ListSequencer};
+use crate::timers::TimerQueue;
 use crate::wire::{self, Codec, Kind, ListMsg, PullMsg, SyncMsg};
-
-/// Lists in a row from the current coordinator, older than the one held, after which the
-/// member adopts the coordinator's list anyway: the held one was then never issued by it.
-const STALE_LISTS_TO_ADOPT: u32 = 3;
 
 /// Where member updates come from, for [`Engine::screen`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +46,19 @@ enum Via {
     Gossip,
     /// A state sync over a stream.
     Sync,
+}
+
+/// How many members are told of each independent suspicion (see `Engine::witnesses`).
+const WITNESSES: usize = 4;
+
+/// FNV-1a over `b`, spread with a final multiply so that sums of hashes mix well.
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
 }
 
 /// Whether a message naming `claimed` as its sender may have come from `from`. A datagram's
@@ -52,103 +71,6 @@ fn same_source(claimed: SocketAddr, from: SocketAddr, stream: bool) -> bool {
     }
     let (a, b) = (claimed.ip().to_canonical(), from.ip().to_canonical());
     a == b || (a.is_loopback() && b.is_loopback())
-}
-
-/// Engine settings. [`Config::lan`] gives the tuned defaults.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The SWIM settings handed to foca.
-    pub swim: foca::Config,
-    /// The first pause before a candidate that is not in the view is tried again.
-    pub join_retry: Duration,
-    /// The longest pause between join attempts to one candidate (the pause doubles).
-    pub join_retry_max: Duration,
-    /// How often a member asks the oldest member for the list it holds.
-    pub pull_interval: Duration,
-    /// The mean pause between periodic state syncs with a random member.
-    pub sync_interval: Duration,
-    /// The largest datagram the engine sends; larger messages go over a stream.
-    pub max_datagram: usize,
-    /// The most members a decoded list or sync may carry.
-    pub max_members: usize,
-    /// Lifeguard: the suspicion timeout once `suspicion_k` independent confirmations arrived.
-    /// Must be at least twice the gossip period so the suspect can hear of it and refute.
-    pub suspicion_min: Duration,
-    /// Lifeguard: the suspicion timeout with no confirmation; must be at least `suspicion_min`.
-    pub suspicion_max: Duration,
-    /// Lifeguard: how many independent confirmations shrink the timeout to the minimum
-    /// (capped at the number of other members that could confirm).
-    pub suspicion_k: usize,
-    /// Lifeguard: the highest local health score; timeouts are multiplied by `1 + score`.
-    pub max_health: u32,
-    /// The shortest pause between two list versions issued by the oldest member; changes in
-    /// between are folded into one version.
-    pub list_min_interval: Duration,
-    /// Candidates contacted per join round; the others wait for the next round.
-    pub join_fanout: usize,
-    /// The most members, this one included, the view admits; syncs and gossip naming more add
-    /// none. Down members count too, up to twice this, until foca forgets them
-    /// (`swim.remove_down_after`).
-    pub member_cap: usize,
-}
-
-impl Config {
-    /// Defaults for a LAN or a cloud VPC, where round trips are well under 10 ms.
-    pub fn lan() -> Self {
-        Self {
-            swim: foca::Config {
-                // One probe every 500 ms: a dead member is probed within about N/2 periods.
-                probe_period: Duration::from_millis(500),
-                // A LAN round trip is far below this; the rest of the period is for the
-                // indirect probes.
-                probe_rtt: Duration::from_millis(200),
-                // Three helpers for indirect probes, as in memberlist.
-                num_indirect_probes: NonZeroUsize::new(3).expect("non-zero"),
-                // Enough transmissions to reach every member of a few hundred with high
-                // probability.
-                max_transmissions: NonZeroU8::new(8).expect("non-zero"),
-                // Not used as such: the engine replaces every suspicion timer with Lifeguard's
-                // timeout, between `suspicion_min` and `suspicion_max` below.
-                suspect_to_down_after: Duration::from_secs(4),
-                // Restarts use a new UUID and renewals win the address conflict, so forgetting
-                // down members late costs only memory.
-                remove_down_after: Some(Duration::from_secs(15 * 60)),
-                max_packet_size: NonZeroUsize::new(1400).expect("non-zero"),
-                // Off: foca 2.0 sends its "you are down" message even when the suspicion was
-                // refuted, which makes live members renew their identity for nothing. The
-                // engine tells down members itself, with a state sync (see `tell_if_down`).
-                notify_down_members: false,
-                periodic_announce: Some(PeriodicParams {
-                    frequency: Duration::from_secs(10),
-                    num_members: NonZeroUsize::new(1).expect("non-zero"),
-                }),
-                // Heals partitions even when discovery returns nothing new.
-                periodic_announce_to_down_members: Some(PeriodicParams {
-                    frequency: Duration::from_secs(5),
-                    num_members: NonZeroUsize::new(2).expect("non-zero"),
-                }),
-                periodic_gossip: Some(PeriodicParams {
-                    frequency: Duration::from_millis(100),
-                    num_members: NonZeroUsize::new(3).expect("non-zero"),
-                }),
-            },
-            join_retry: Duration::from_millis(500),
-            join_retry_max: Duration::from_secs(8),
-            pull_interval: Duration::from_secs(1),
-            sync_interval: Duration::from_secs(30),
-            max_datagram: 1400,
-            max_members: 10_000,
-            // With K confirmations a dead member is removed 1 s after it was first suspected;
-            // a lone suspicion (often one lost packet) gets 4 s to be refuted.
-            suspicion_min: Duration::from_millis(1000),
-            suspicion_max: Duration::from_secs(4),
-            suspicion_k: 3,
-            max_health: 8,
-            list_min_interval: Duration::from_millis(150),
-            join_fanout: 3,
-            member_cap: 1024,
-        }
-    }
 }
 
 /// Something the driver must send.
@@ -229,107 +151,64 @@ impl Stats {
     }
 }
 
-#[derive(Debug, Default)]
-struct Rt {
-    sends: Vec<(NodeId, Vec<u8>)>,
-    timers: Vec<(Duration, Timer<NodeId>)>,
-    notes: Vec<OwnedNotification<NodeId>>,
-}
-
-impl Runtime<NodeId> for Rt {
-    fn notify(&mut self, notification: foca::Notification<'_, NodeId>) {
-        self.notes.push(notification.to_owned());
-    }
-
-    fn send_to(&mut self, to: NodeId, data: &[u8]) {
-        self.sends.push((to, data.to_vec()));
-    }
-
-    fn submit_after(&mut self, event: Timer<NodeId>, after: Duration) {
-        self.timers.push((after, event));
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct JoinState {
-    next_at: Duration,
-    backoff: Duration,
-}
-
 /// One member's view of one logical cluster.
 pub struct Engine {
     me: NodeId,
     foca: Foca<NodeId, Codec, StdRng, NoCustomBroadcast>,
-    rt: Rt,
-    timers: BinaryHeap<Reverse<(Duration, u64, Timer<NodeId>)>>,
-    timer_seq: u64,
+    /// What foca asked for since the last [`Engine::flush`]: sends and timers wait in it.
+    rt: AccumulatingRuntime<NodeId>,
+    /// foca's notifications since the last flush, taken out of `rt` after every foca call so
+    /// that the index learns of membership changes at once.
+    notes: Vec<OwnedNotification<NodeId>>,
+    index: MemberIndex,
+    timers: TimerQueue,
     tag: u64,
     cfg: Config,
     now: Duration,
-    list: MemberList,
-    /// The oldest eligible member (see [`Engine::eligible`]): the only one whose lists count.
-    coordinator: Uuid,
+    seq: ListSequencer,
+    lifeguard: Lifeguard,
+    joins: Joins,
     /// Members heard from directly: an accepted message whose sender identity is the member and
     /// whose source is its address. Only these coordinate or appear in issued lists.
     heard: HashMap<SocketAddr, Uuid>,
-    /// Lists in a row from the current coordinator that were older than the one held.
-    stale_lists: u32,
     /// The oldest alive member when it is older than the coordinator but not heard from yet;
     /// it is pulled too, so that it hears from this member.
     pull_unheard: Option<SocketAddr>,
-    candidates: Vec<SocketAddr>,
-    joins: HashMap<SocketAddr, JoinState>,
-    /// The earliest moment a candidate outside the view is due for a join attempt.
-    next_join: Duration,
     /// Set when the view may have changed, so the list must be recomputed.
     dirty: bool,
     told_down: HashMap<SocketAddr, Duration>,
     next_pull: Duration,
+    /// The pause after the next pull: `pull_interval` after a change, doubling while quiet.
+    pull_pause: Duration,
     next_sync: Duration,
     out: Vec<Output>,
-    changes: Vec<MemberList>,
     rng: StdRng,
     left: bool,
     stats: Stats,
     probe: Option<(foca::ProbeNumber, NodeId, Duration)>,
-    suspicions: HashMap<SocketAddr, Suspicion>,
-    health: u32,
     /// foca's current timer token, from the timers it submits, for the suspicion timers the
     /// engine starts itself (see [`Engine::arm_suspicion`]).
     foca_token: Option<foca::TimerToken>,
-    last_issue: Option<Duration>,
-    issue_at: Option<Duration>,
+    /// This member's zone, sent in pulls, syncs and lists.
+    zone: Option<Zone>,
+    /// Other members' zones by UUID (see [`Engine::note_zone`]); only members foca holds.
+    zones: HashMap<Uuid, ZoneClaim>,
 }
 
-/// One member under suspicion, with the independent confirmations received.
-#[derive(Debug, Clone)]
-struct Suspicion {
-    id: NodeId,
-    incarnation: u16,
-    started: Duration,
-    confirmers: Vec<Uuid>,
-    /// Whether a member relayed a `Down` about it: that member ran its own timer to the end.
-    relayed: bool,
-    /// foca's timer event and the deadline it is scheduled for, once foca suspects too.
-    timer: Option<(Timer<NodeId>, Duration)>,
-}
-
-impl Suspicion {
-    /// The confirmations that shorten its timeout: a relayed `Down` counts as all of them.
-    fn weight(&self) -> usize {
-        if self.relayed {
-            usize::MAX
-        } else {
-            self.confirmers.len()
-        }
-    }
+/// A member's zone as this member learned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ZoneClaim {
+    zone: Option<Zone>,
+    /// Whether the member said it itself (a pull, a sync, or its own list), rather than a
+    /// coordinator's list naming it.
+    direct: bool,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("me", &self.me)
-            .field("list", &self.list)
+            .field("list", self.seq.list())
             .finish_non_exhaustive()
     }
 }
@@ -340,46 +219,60 @@ impl Engine {
     /// [`Engine::drain_changes`].
     pub fn new(me: NodeId, tag: u64, cfg: Config, seed: u64, now: Duration) -> Self {
         let foca = Foca::new(me, cfg.swim.clone(), StdRng::seed_from_u64(seed), Codec);
-        let list = MemberList {
-            ver: 1,
-            coordinator: me.uuid,
-            members: vec![me],
-        };
         let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         let next_sync = now + cfg.sync_interval.mul_f64(rng.random_range(0.5..1.5));
         Self {
             me,
             foca,
-            rt: Rt::default(),
-            timers: BinaryHeap::new(),
-            timer_seq: 0,
+            rt: AccumulatingRuntime::new(),
+            notes: Vec::new(),
+            index: MemberIndex::default(),
+            timers: TimerQueue::default(),
             tag,
             now,
-            changes: vec![list.clone()],
-            list,
-            coordinator: me.uuid,
+            seq: ListSequencer::new(me, cfg.list_min_interval),
+            lifeguard: Lifeguard::new(cfg.lifeguard()),
+            joins: Joins::new(now, cfg.join_retry, cfg.join_retry_max, cfg.join_fanout),
             heard: HashMap::new(),
-            stale_lists: 0,
             pull_unheard: None,
-            candidates: Vec::new(),
-            joins: HashMap::new(),
-            next_join: now,
             dirty: true,
             told_down: HashMap::new(),
             next_pull: now,
+            pull_pause: cfg.pull_interval,
             next_sync,
             out: Vec::new(),
             rng,
             left: false,
             stats: Stats::default(),
             probe: None,
-            suspicions: HashMap::new(),
-            health: 0,
             foca_token: None,
-            last_issue: None,
-            issue_at: None,
+            zone: None,
+            zones: HashMap::new(),
             cfg,
         }
+    }
+
+    /// Sets this member's own zone, which it reports in pulls, syncs and the lists it issues.
+    /// Call it right after [`Engine::new`]: a member's zone is fixed for its UUID, and peers
+    /// refuse a change (`zone_changed`).
+    pub fn with_zone(mut self, zone: Option<Zone>) -> Self {
+        self.zone = zone;
+        self.seq.set_own_zone(zone);
+        self
+    }
+
+    /// This member's own zone.
+    pub fn zone(&self) -> Option<Zone> {
+        self.zone
+    }
+
+    /// The zone of the member with this UUID as this member knows it: this member's own, what
+    /// the member reported directly, or else what the coordinator's list said.
+    pub fn zone_of(&self, uuid: Uuid) -> Option<Zone> {
+        if uuid == self.me.uuid {
+            return self.zone;
+        }
+        self.zones.get(&uuid).and_then(|c| c.zone)
     }
 
     /// This member's current identity.
@@ -389,7 +282,7 @@ impl Engine {
 
     /// The member list this member holds now.
     pub fn list(&self) -> &MemberList {
-        &self.list
+        self.seq.list()
     }
 
     /// The counters.
@@ -424,10 +317,8 @@ impl Engine {
     /// Replaces the discovered candidates: gossip addresses of peers to join.
     pub fn set_candidates(&mut self, candidates: Vec<SocketAddr>, now: Duration) {
         self.now = self.now.max(now);
-        self.joins.retain(|a, _| candidates.contains(a));
-        self.candidates = candidates;
-        self.candidates.retain(|a| *a != self.me.addr);
-        self.next_join = self.now;
+        self.joins
+            .set_candidates(candidates, self.me.addr, self.now);
     }
 
     /// Takes the messages to send.
@@ -437,25 +328,25 @@ impl Engine {
 
     /// Takes the member lists adopted since the last call, oldest first.
     pub fn drain_changes(&mut self) -> Vec<MemberList> {
-        std::mem::take(&mut self.changes)
+        self.seq.drain_changes()
     }
 
     /// The next moment [`Engine::tick`] has work to do.
     pub fn next_deadline(&self) -> Duration {
         let mut d = self.next_sync;
-        if let Some(Reverse((t, _, _))) = self.timers.peek() {
-            d = d.min(*t);
+        if let Some(t) = self.timers.next() {
+            d = d.min(t);
         }
         if self.left {
             return d;
         }
-        if let Some(t) = self.issue_at {
+        if let Some(t) = self.seq.issue_at() {
             d = d.min(t);
         }
-        if self.coordinator != self.me.uuid || self.pull_unheard.is_some() {
+        if !self.seq.coordinating() || self.pull_unheard.is_some() {
             d = d.min(self.next_pull);
         }
-        d.min(self.next_join).max(self.now)
+        d.min(self.joins.next_deadline()).max(self.now)
     }
 
     /// Handles a datagram from `from`.
@@ -493,25 +384,63 @@ impl Engine {
         }
     }
 
+    /// Takes foca's notifications out of the runtime after every foca call; a membership change
+    /// makes the index rebuild at its next use.
+    fn after_foca(&mut self) {
+        while let Some(n) = self.rt.to_notify() {
+            if matches!(
+                n,
+                OwnedNotification::MemberUp(_)
+                    | OwnedNotification::MemberDown(_)
+                    | OwnedNotification::Rename(..)
+                    | OwnedNotification::Rejoin(_)
+            ) {
+                self.index.invalidate();
+            }
+            self.notes.push(n);
+        }
+    }
+
+    /// Applies member updates through foca.
+    fn apply(
+        &mut self,
+        updates: impl IntoIterator<Item = Member<NodeId>>,
+    ) -> Result<(), MembershipError> {
+        let res = self
+            .foca
+            .apply_many(updates.into_iter(), true, &mut self.rt);
+        self.after_foca();
+        res.map_err(|e| MembershipError::Swim(e.to_string()))
+    }
+
+    /// Announces this member to `to` through foca.
+    fn announce_to(&mut self, to: NodeId) {
+        if let Err(e) = self.foca.announce(to, &mut self.rt) {
+            tracing::debug!("announce to {}: {e}", to.addr);
+        }
+        self.after_foca();
+    }
+
+    /// The index, brought up to date with foca's state.
+    fn index(&mut self) -> &MemberIndex {
+        let len = self.foca.iter_membership_state().len();
+        self.index.refresh(len, self.foca.iter_membership_state());
+        &self.index
+    }
+
     /// Whether foca holds a member (alive, suspect or down) at `addr`.
-    fn in_state(&self, addr: SocketAddr) -> bool {
-        self.foca
-            .iter_membership_state()
-            .any(|m| m.id().addr == addr)
+    fn in_state(&mut self, addr: SocketAddr) -> bool {
+        self.index().contains(addr)
     }
 
     /// Whether `id` is an active member of the view, exactly (generation included).
-    fn is_active(&self, id: &NodeId) -> bool {
-        self.foca.iter_members().any(|m| m.id() == id)
+    fn is_active(&mut self, id: &NodeId) -> bool {
+        self.index().is_active(id)
     }
 
     /// The address of the active member with this UUID (its latest generation).
-    fn member_addr(&self, uuid: Uuid) -> Option<SocketAddr> {
-        self.foca
-            .iter_members()
-            .filter(|m| m.id().uuid == uuid)
-            .max_by_key(|m| m.id().generation)
-            .map(|m| m.id().addr)
+    fn member_addr(&mut self, uuid: Uuid) -> Option<SocketAddr> {
+        self.index().addr_of(uuid)
     }
 
     /// Whether `n` more members fit under [`Config::member_cap`].
@@ -524,12 +453,9 @@ impl Engine {
     /// Whether `id`'s UUID belongs to this member or a live member at another address. A UUID
     /// is one process, whose address never changes: such an identity is a clone, which could
     /// otherwise stand in for the coordinator.
-    fn uuid_elsewhere(&self, id: &NodeId) -> bool {
+    fn uuid_elsewhere(&mut self, id: &NodeId) -> bool {
         (id.uuid == self.me.uuid && id.addr != self.me.addr)
-            || self
-                .foca
-                .iter_members()
-                .any(|m| m.id().uuid == id.uuid && m.id().addr != id.addr)
+            || self.index().uuid_elsewhere(id.uuid, id.addr)
     }
 
     /// Drops what handling a stranger's datagram would send back to its source beyond the
@@ -562,9 +488,9 @@ impl Engine {
             return;
         }
         let member = self
-            .foca
-            .iter_members()
-            .any(|m| m.id().addr == addr && m.id().uuid == uuid);
+            .index()
+            .at(addr)
+            .is_some_and(|(id, active)| active && id.uuid == uuid);
         if member {
             self.heard.insert(addr, uuid);
             self.dirty = true;
@@ -581,7 +507,7 @@ impl Engine {
         match kind {
             // A sync can be large and names a reply address: only a stream, whose source IP
             // the handshake proved, may carry one.
-            Kind::SyncRequest | Kind::SyncResponse if !stream => {
+            Kind::SyncRequest | Kind::SyncResponse | Kind::SyncDigest if !stream => {
                 Err(MembershipError::Refused("sync_over_datagram"))
             }
             Kind::Foca | Kind::Pull | Kind::Leave | Kind::Suspect if stream => {
@@ -596,6 +522,10 @@ impl Engine {
                 if !same_source(at, from, stream) {
                     return Err(MembershipError::Refused("spoofed_source"));
                 }
+                // The coordinator's own entry is its own claim.
+                if msg.members.iter().any(|m| m.uuid == msg.coordinator) {
+                    self.check_zone(msg.coordinator, msg.zones.get(&msg.coordinator).copied())?;
+                }
                 self.note_heard(at, msg.coordinator);
                 self.on_list(msg);
                 Ok(())
@@ -608,14 +538,14 @@ impl Engine {
                 if self.uuid_elsewhere(&msg.from) {
                     return Err(MembershipError::Refused("uuid_conflict"));
                 }
+                self.check_zone(msg.from.uuid, msg.zone)?;
                 if !self.in_state(from) && from != self.me.addr && self.room_for(1) {
                     // A puller speaks from its own address, as a foca sender does: it joins the
                     // view at once, so the coordinator lists it without waiting for gossip.
-                    self.foca
-                        .apply_many(std::iter::once(Member::alive(msg.from)), true, &mut self.rt)
-                        .map_err(|e| MembershipError::Swim(e.to_string()))?;
+                    self.apply(std::iter::once(Member::alive(msg.from)))?;
                 }
                 self.note_heard(from, msg.from.uuid);
+                self.note_zone(msg.from.uuid, msg.zone, true);
                 self.on_pull(from, &msg);
                 Ok(())
             }
@@ -632,6 +562,31 @@ impl Engine {
                         to,
                         data: wire::encode_sync(self.tag, Kind::SyncResponse, &reply),
                     });
+                }
+                Ok(())
+            }
+            Kind::SyncDigest => {
+                let msg = wire::decode_digest(p)?;
+                if !same_source(msg.from.addr, from, true) {
+                    return Err(MembershipError::Refused("spoofed_source"));
+                }
+                if msg.from.uuid.is_nil() {
+                    return Err(MembershipError::Refused("nil_identity"));
+                }
+                if msg.from.uuid == self.me.uuid || msg.from.addr == self.me.addr {
+                    return Err(MembershipError::Decode("sync from ourselves"));
+                }
+                if self.uuid_elsewhere(&msg.from) {
+                    return Err(MembershipError::Refused("uuid_conflict"));
+                }
+                // Views that agree need nothing more. Otherwise a whole sync goes back, as a
+                // request: the asker applies it and answers with its own state, so both learn.
+                let known = self.is_active(&msg.from);
+                if known {
+                    self.note_heard(msg.from.addr, msg.from.uuid);
+                }
+                if !known || self.view_digest(msg.from.uuid) != msg.digest {
+                    self.send_sync(msg.from.addr);
                 }
                 Ok(())
             }
@@ -657,9 +612,7 @@ impl Engine {
                     return Err(MembershipError::Refused("unknown_sender"));
                 }
                 self.stats.leaves += 1;
-                self.foca
-                    .apply_many(std::iter::once(Member::down(id)), true, &mut self.rt)
-                    .map_err(|e| MembershipError::Swim(e.to_string()))
+                self.apply(std::iter::once(Member::down(id)))
             }
         }
     }
@@ -691,21 +644,26 @@ impl Engine {
         }
         self.tell_if_down(&pkt.header, pkt.updates.as_deref().unwrap_or(&[]));
         let mut confirmed = Vec::new();
-        let mut rewritten = false;
         if let Some(updates) = pkt.updates.take() {
             let reserved = usize::from(new_sender);
-            let (kept, changed, conf) = self.screen(&src, updates, Via::Gossip, reserved);
+            let (kept, _, conf) = self.screen(&src, updates, Via::Gossip, reserved);
             pkt.updates = Some(kept);
-            rewritten = changed;
             confirmed = conf;
         }
-        let res = if rewritten {
-            let data = wire::encode_foca(self.tag, &pkt)?;
-            self.foca
-                .handle_data(&data[wire::HEADER_LEN..], &mut self.rt)
+        // The wire carries the destination in short; foca wants the whole identity. A packet
+        // for an earlier identity of ours keeps its short form, so foca ignores its payload,
+        // and an announce to our address gets the placeholder foca accepts.
+        let dst = pkt.header.dst;
+        pkt.header.dst = if wire::dst_is(&dst, &self.me) {
+            self.me
+        } else if dst == wire::unsent_dst() {
+            NodeId::unknown_at(self.me.addr)
         } else {
-            self.foca.handle_data(p, &mut self.rt)
+            dst
         };
+        let data = wire::encode_foca_for_foca(&pkt)?;
+        let res = self.foca.handle_data(&data, &mut self.rt);
+        self.after_foca();
         res.map_err(|e| MembershipError::Swim(e.to_string()))?;
         self.note_heard(src.addr, src.uuid);
         for addr in confirmed {
@@ -806,9 +764,7 @@ impl Engine {
                         changed = true;
                         if k == id && live && u.incarnation() >= inc {
                             if sender_active && self.confirm(id, u.incarnation(), sender.uuid) {
-                                if let Some(s) = self.suspicions.get_mut(&id.addr) {
-                                    s.relayed = true;
-                                }
+                                self.lifeguard.mark_relayed(id.addr);
                                 confirmed.push(id.addr);
                             }
                             kept.push(Member::new(id, u.incarnation(), State::Suspect));
@@ -819,7 +775,7 @@ impl Engine {
                         if u.state() == State::Suspect && k == id && live && u.incarnation() >= inc
                         {
                             // When it started matters if a relayed Down confirms it later.
-                            self.suspicion(id, u.incarnation());
+                            self.lifeguard.suspicion(id, u.incarnation(), self.now);
                         }
                         kept.push(u);
                     }
@@ -841,9 +797,9 @@ impl Engine {
             self.bump_health();
         }
         let down = self
-            .foca
-            .iter_membership_state()
-            .any(|m| m.id() == &h.src && m.state() == foca::State::Down);
+            .index()
+            .at(h.src.addr)
+            .is_some_and(|(id, active)| !active && id == h.src);
         if !down {
             return;
         }
@@ -861,23 +817,8 @@ impl Engine {
 
     fn bump_health(&mut self) {
         self.stats.suspicions_refuted += 1;
-        self.health = (self.health + 1).min(self.cfg.max_health);
-        self.stats.health = self.health;
-    }
-
-    /// Lifeguard's suspicion timeout for `confirmations` independent confirmations, scaled by
-    /// the local health multiplier.
-    fn suspicion_timeout(&self, confirmations: usize) -> Duration {
-        let others = self.foca.num_members();
-        let k = self.cfg.suspicion_k.min(others.saturating_sub(1));
-        let mult = 1 + self.health;
-        let min = self.cfg.suspicion_min * mult;
-        let max = self.cfg.suspicion_max.max(self.cfg.suspicion_min) * mult;
-        if k == 0 {
-            return min;
-        }
-        let frac = ((confirmations as f64 + 1.0).ln() / (k as f64 + 1.0).ln()).clamp(0.0, 1.0);
-        max.saturating_sub((max - min).mul_f64(frac)).max(min)
+        self.lifeguard.bump_health();
+        self.stats.health = self.lifeguard.health();
     }
 
     /// Another member's probe of `target` failed.
@@ -887,17 +828,12 @@ impl Engine {
                 // Refute at once rather than waiting for the gossip to reach us.
                 self.bump_health();
                 let me = Member::new(self.me, msg.incarnation, foca::State::Suspect);
-                if let Err(e) = self
-                    .foca
-                    .apply_many(std::iter::once(me), true, &mut self.rt)
-                {
+                if let Err(e) = self.apply(std::iter::once(me)) {
                     tracing::debug!("refute: {e}");
                 }
                 // And tell the suspicion's author directly: foca's header carries our new
                 // incarnation, which refutes it there within a round trip.
-                if let Err(e) = self.foca.announce(msg.from, &mut self.rt) {
-                    tracing::debug!("refute to {}: {e}", msg.from.addr);
-                }
+                self.announce_to(msg.from);
             }
             return;
         }
@@ -909,10 +845,7 @@ impl Engine {
         // Suspect too, and run a timer here as well (Lifeguard: everyone who hears of a
         // suspicion times it, shrinking with confirmations).
         let update = Member::new(msg.target, msg.incarnation, foca::State::Suspect);
-        if let Err(e) = self
-            .foca
-            .apply_many(std::iter::once(update), true, &mut self.rt)
-        {
+        if let Err(e) = self.apply(std::iter::once(update)) {
             tracing::debug!("suspect: {e}");
         }
         self.arm_suspicion(msg.target.addr);
@@ -921,45 +854,13 @@ impl Engine {
     /// Records `by`'s independent confirmation that `target` at `incarnation` is failing;
     /// returns false when it was ignored (our own, about an older incarnation, or no room).
     fn confirm(&mut self, target: NodeId, incarnation: u16, by: Uuid) -> bool {
-        if by == self.me.uuid || by == target.uuid {
-            return false;
+        let ok = self
+            .lifeguard
+            .confirm(self.me.uuid, target, incarnation, by, self.now);
+        if ok {
+            self.stats.confirmations += 1;
         }
-        let Some(s) = self.suspicion(target, incarnation) else {
-            return false;
-        };
-        if !s.confirmers.contains(&by) && s.confirmers.len() < 16 {
-            s.confirmers.push(by);
-        }
-        self.stats.confirmations += 1;
-        true
-    }
-
-    /// The suspicion of `target` at `incarnation`, started now unless it already runs; `None`
-    /// when it is about an older incarnation than the one suspected, or there is no room.
-    fn suspicion(&mut self, target: NodeId, incarnation: u16) -> Option<&mut Suspicion> {
-        if self.suspicions.len() >= 4096 && !self.suspicions.contains_key(&target.addr) {
-            return None;
-        }
-        let now = self.now;
-        let fresh = Suspicion {
-            id: target,
-            incarnation,
-            started: now,
-            confirmers: Vec::new(),
-            relayed: false,
-            timer: None,
-        };
-        let s = self
-            .suspicions
-            .entry(target.addr)
-            .or_insert_with(|| fresh.clone());
-        if s.id != target || s.incarnation != incarnation {
-            if s.incarnation > incarnation && s.id == target {
-                return None;
-            }
-            *s = fresh;
-        }
-        Some(s)
+        ok
     }
 
     /// A suspicion was confirmed (a `Suspect` message or a relayed `Down`): this member decides
@@ -967,11 +868,14 @@ impl Engine {
     /// engine starts one when there is none, and tells the target, which refutes at once if it
     /// is alive.
     fn arm_suspicion(&mut self, addr: SocketAddr) {
-        let Some(s) = self.suspicions.get(&addr) else {
+        let Some(s) = self.lifeguard.get(addr) else {
             return;
         };
         if s.timer.is_some() {
-            self.reschedule_suspicion(addr);
+            let others = self.foca.num_members();
+            if let Some((ev, due)) = self.lifeguard.earlier(addr, self.now, others) {
+                self.timers.push(due, ev);
+            }
             return;
         }
         let (target, incarnation) = (s.id, s.incarnation);
@@ -1001,25 +905,6 @@ impl Engine {
         });
     }
 
-    /// Moves a suspicion timer earlier when confirmations shortened its timeout. The later
-    /// copy still fires, harmlessly: foca ignores a timer for a member already down.
-    fn reschedule_suspicion(&mut self, addr: SocketAddr) {
-        let Some(s) = self.suspicions.get(&addr) else {
-            return;
-        };
-        let Some((ev, deadline)) = s.timer.clone() else {
-            return;
-        };
-        let due = (s.started + self.suspicion_timeout(s.weight())).max(self.now);
-        if due < deadline {
-            self.timer_seq += 1;
-            self.timers.push(Reverse((due, self.timer_seq, ev.clone())));
-            if let Some(s) = self.suspicions.get_mut(&addr) {
-                s.timer = Some((ev, due));
-            }
-        }
-    }
-
     /// Schedules one timer from foca, giving suspicions Lifeguard's timeout.
     fn schedule(&mut self, after: Duration, ev: Timer<NodeId>) {
         let mut deadline = self.now + after;
@@ -1029,33 +914,41 @@ impl Engine {
             ..
         } = &ev
         {
-            let now = self.now;
-            let fresh = Suspicion {
-                id: *member_id,
-                incarnation: *incarnation,
-                started: now,
-                confirmers: Vec::new(),
-                relayed: false,
-                timer: None,
-            };
-            let s = self
-                .suspicions
-                .entry(member_id.addr)
-                .or_insert(fresh.clone());
-            if s.id != *member_id || s.incarnation != *incarnation {
-                *s = fresh;
-            }
-            let (started, n) = (s.started, s.weight());
-            deadline = (started + self.suspicion_timeout(n)).max(now);
-            if let Some(s) = self.suspicions.get_mut(&member_id.addr) {
-                s.timer = Some((ev.clone(), deadline));
-            }
+            let others = self.foca.num_members();
+            deadline = self
+                .lifeguard
+                .deadline(*member_id, *incarnation, &ev, self.now, others);
         }
-        self.timer_seq += 1;
-        self.timers.push(Reverse((deadline, self.timer_seq, ev)));
+        self.timers.push(deadline, ev);
     }
 
-    /// Tells a few members that our probe of `target` failed (Lifeguard's independent
+    /// The members told of every independent suspicion of `target`: the [`WITNESSES`] active
+    /// members (other than the target and this one) whose hash with the target's UUID is
+    /// lowest. Every member with the same view picks the same ones, so confirmations from
+    /// independent probers add up at them and shrink their Lifeguard timeout, instead of
+    /// scattering one each over random members.
+    fn witnesses(&self, target: &NodeId) -> Vec<SocketAddr> {
+        let mut scored: Vec<(u64, SocketAddr)> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id())
+            .filter(|id| id.addr != target.addr && id.uuid != self.me.uuid)
+            .map(|id| {
+                let mut b = [0u8; 32];
+                b[..16].copy_from_slice(target.uuid.as_bytes());
+                b[16..].copy_from_slice(id.uuid.as_bytes());
+                (fnv(&b), id.addr)
+            })
+            .collect();
+        let n = scored.len().min(WITNESSES);
+        if n > 0 {
+            scored.select_nth_unstable(n - 1);
+        }
+        scored.truncate(n);
+        scored.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Tells the target's witnesses that our probe of it failed (Lifeguard's independent
     /// suspicion), and the target itself, so that it can refute at once.
     fn announce_suspicion(&mut self, target: NodeId, incarnation: u16) {
         self.stats.suspicions_raised += 1;
@@ -1065,15 +958,7 @@ impl Engine {
             incarnation,
         };
         let data = wire::encode_suspect(self.tag, &msg);
-        let mut others: Vec<SocketAddr> = self
-            .foca
-            .iter_members()
-            .map(|m| m.id().addr)
-            .filter(|a| *a != target.addr)
-            .collect();
-        let n = others.len().min(4);
-        let (chosen, _) = others.partial_shuffle(&mut self.rng, n);
-        let mut to: Vec<SocketAddr> = chosen.to_vec();
+        let mut to = self.witnesses(&target);
         to.push(target.addr);
         for addr in to {
             self.push_out(Output::Datagram {
@@ -1093,82 +978,106 @@ impl Engine {
         if self.uuid_elsewhere(&msg.from) {
             return Err(MembershipError::Refused("uuid_conflict"));
         }
+        self.check_zone(msg.from.uuid, msg.zone)?;
         let new_sender = !self.in_state(msg.from.addr);
         if new_sender && !self.room_for(1) {
             return Err(MembershipError::Refused("member_cap"));
         }
         let (updates, _, confirmed) =
             self.screen(&msg.from, msg.members, Via::Sync, usize::from(new_sender));
-        let updates = std::iter::once(Member::alive(msg.from)).chain(updates);
-        self.foca
-            .apply_many(updates, true, &mut self.rt)
-            .map_err(|e| MembershipError::Swim(e.to_string()))?;
+        self.apply(std::iter::once(Member::alive(msg.from)).chain(updates))?;
         self.note_heard(msg.from.addr, msg.from.uuid);
+        self.note_zone(msg.from.uuid, msg.zone, true);
         for addr in confirmed {
             self.arm_suspicion(addr);
         }
         Ok(())
     }
 
+    /// Refuses a member's own claim of a zone other than the one it claimed before: a zone is
+    /// fixed for a UUID (one process), so a change is a lie or a clone.
+    fn check_zone(&self, uuid: Uuid, zone: Option<Zone>) -> Result<(), MembershipError> {
+        match self.zones.get(&uuid) {
+            Some(c) if c.direct && c.zone != zone => Err(MembershipError::Refused("zone_changed")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a member's zone: `direct` when the member itself said it (checked first with
+    /// [`Engine::check_zone`]), otherwise from its coordinator's list, which never overrides a
+    /// direct claim. Only members foca holds are recorded, so the table stays within the
+    /// member cap.
+    fn note_zone(&mut self, uuid: Uuid, zone: Option<Zone>, direct: bool) {
+        if uuid == self.me.uuid {
+            return;
+        }
+        let claim = ZoneClaim { zone, direct };
+        match self.zones.get(&uuid) {
+            Some(c) if *c == claim || (c.direct && !direct) => return,
+            Some(_) => {}
+            None => {
+                let member = self
+                    .foca
+                    .iter_membership_state()
+                    .any(|m| m.id().uuid == uuid);
+                if !member || self.zones.len() >= self.cfg.member_cap.saturating_mul(2) {
+                    return;
+                }
+            }
+        }
+        if self.zones.get(&uuid).and_then(|c| c.zone) != zone {
+            self.dirty = true;
+        }
+        self.zones.insert(uuid, claim);
+    }
+
     fn sync_msg(&self) -> SyncMsg {
         SyncMsg {
             from: self.me,
+            zone: self.zone,
             members: self.foca.iter_membership_state().cloned().collect(),
         }
     }
 
-    /// A list from the member at its coordinator's address (checked by the caller). Adopted
-    /// only from the member this one sees as coordinator, only if it lists this member, and
-    /// only if it comes from another coordinator than the held list (a coordinator change or
-    /// a restart: adopted even at a lower version) or is newer in serial-number order. A
-    /// coordinator that keeps sending older lists is believed after a few: the held list was
-    /// then never its own.
+    /// A list from the member at its coordinator's address (checked by the caller); the
+    /// sequencer applies the adopt rules (see [`ListSequencer::offer`]).
     fn on_list(&mut self, msg: ListMsg) {
         if std::mem::take(&mut self.dirty) {
             // The sender may have just been heard from: it may be the coordinator now.
             self.reconcile();
         }
-        if msg.coordinator == self.me.uuid
-            || msg.coordinator != self.coordinator
-            || !msg.members.iter().any(|m| m.uuid == self.me.uuid)
-        {
-            return;
+        if self.seq.offer(msg) {
+            self.pull_soon();
+            let list = self.seq.list();
+            let claims: Vec<(Uuid, Option<Zone>, bool)> = list
+                .members
+                .iter()
+                .map(|m| (m.uuid, list.zone(m.uuid), m.uuid == list.coordinator))
+                .collect();
+            for (uuid, zone, direct) in claims {
+                self.note_zone(uuid, zone, direct);
+            }
         }
-        let adopt = if msg.coordinator != self.list.coordinator
-            || list::ver_newer(msg.ver, self.list.ver)
-        {
-            true
-        } else if msg.ver == self.list.ver {
-            self.stale_lists = 0;
-            false
-        } else {
-            self.stale_lists += 1;
-            self.stale_lists >= STALE_LISTS_TO_ADOPT
-        };
-        if adopt {
-            self.stale_lists = 0;
-            self.list = MemberList {
-                ver: msg.ver,
-                coordinator: msg.coordinator,
-                members: msg.members,
-            };
-            self.changes.push(self.list.clone());
-        }
+    }
+
+    /// Pulls within `pull_interval` and with that pause again: the view or the list changed, so
+    /// a push may have been lost.
+    fn pull_soon(&mut self) {
+        self.pull_pause = self.cfg.pull_interval;
+        self.next_pull = self.next_pull.min(self.now + self.cfg.pull_interval);
     }
 
     /// A pull never moves versions: the coordinator only answers, to the packet's source,
     /// when the puller holds another list than its own.
     fn on_pull(&mut self, from: SocketAddr, msg: &PullMsg) {
-        let before = (self.list.coordinator, self.list.ver);
+        let before = self.seq.held();
         if std::mem::take(&mut self.dirty) {
             // The puller may have just been heard from: a new version then reaches it anyway.
             self.reconcile();
         }
-        let held = (self.list.coordinator, self.list.ver);
-        if self.coordinator == self.me.uuid
-            && held.0 == self.me.uuid
-            && held == before
-            && (msg.have_coordinator, msg.have_ver) != held
+        if self
+            .seq
+            .answers_pull(before, (msg.have_coordinator, msg.have_ver))
         {
             self.send_list(from);
         }
@@ -1177,132 +1086,126 @@ impl Engine {
     /// Does the periodic work due at `now`: timers, joins, pulls and syncs.
     pub fn tick(&mut self, now: Duration) {
         self.now = self.now.max(now);
-        while let Some(Reverse((t, _, _))) = self.timers.peek() {
-            if *t > self.now {
-                break;
-            }
-            let Some(Reverse((_, _, ev))) = self.timers.pop() else {
-                break;
-            };
-            if let Err(e) = self.foca.handle_timer(ev, &mut self.rt) {
-                tracing::debug!("timer: {e}");
-            }
-        }
-        if self.issue_at.is_some_and(|t| self.now >= t) {
-            self.issue_at = None;
+        self.fire_timers();
+        if self.seq.take_due(self.now) {
             self.reconcile();
         }
-        let horizon = self.cfg.suspicion_max * (2 + self.cfg.max_health);
-        let now = self.now;
-        self.suspicions.retain(|_, s| now < s.started + horizon);
+        self.lifeguard.expire(self.now);
         if !self.left {
             self.join_candidates();
-            if (self.coordinator != self.me.uuid || self.pull_unheard.is_some())
-                && self.now >= self.next_pull
-            {
-                self.next_pull = self.now + self.cfg.pull_interval;
-                let mut to: Vec<SocketAddr> = Vec::with_capacity(2);
-                if self.coordinator != self.me.uuid
-                    && let Some(c) = self.member_addr(self.coordinator)
-                {
-                    to.push(c);
-                }
-                if let Some(a) = self.pull_unheard
-                    && !to.contains(&a)
-                {
-                    to.push(a);
-                }
-                let pull = PullMsg {
-                    from: self.me,
-                    have_ver: self.list.ver,
-                    have_coordinator: self.list.coordinator,
-                };
-                let data = wire::encode_pull(self.tag, &pull);
-                for c in to {
-                    self.push_out(Output::Datagram {
-                        to: c,
-                        data: data.clone(),
-                    });
-                }
-            }
+            self.pull_if_due();
         }
-        if self.now >= self.next_sync {
-            // A sync carries the whole state, so larger clusters sync less often
-            // (memberlist's push/pull scaling): x1 up to 32 members, then +1 per doubling.
-            let n = (self.foca.num_members() + 1) as f64;
-            let scale = 1.0 + (n / 32.0).log2().max(0.0);
-            self.next_sync = self.now
-                + self
-                    .cfg
-                    .sync_interval
-                    .mul_f64(scale * self.rng.random_range(0.5..1.5));
-            if !self.left {
-                let others: Vec<NodeId> = self
-                    .alive()
-                    .into_iter()
-                    .filter(|m| m.uuid != self.me.uuid)
-                    .collect();
-                if let Some(peer) = others.choose(&mut self.rng) {
-                    let to = peer.addr;
-                    self.send_sync(to);
-                }
-            }
-        }
+        self.sync_if_due();
         self.flush();
     }
 
-    fn alive_addrs(&self) -> HashSet<SocketAddr> {
-        self.foca.iter_members().map(|m| m.id().addr).collect()
+    /// Hands foca the timers that are due.
+    fn fire_timers(&mut self) {
+        while let Some(ev) = self.timers.pop_due(self.now) {
+            if let Err(e) = self.foca.handle_timer(ev, &mut self.rt) {
+                tracing::debug!("timer: {e}");
+            }
+            self.after_foca();
+        }
     }
 
-    fn join_candidates(&mut self) {
-        let alive = self.alive_addrs();
-        let now = self.now;
-        let mut due = Vec::new();
-        for c in &self.candidates {
-            if alive.contains(c) {
-                self.joins.remove(c);
-                continue;
-            }
-            let st = self.joins.entry(*c).or_insert(JoinState {
-                next_at: now,
-                backoff: self.cfg.join_retry,
+    /// Asks the coordinator (and an older member not heard from yet) for its list, once per
+    /// `pull_interval`.
+    fn pull_if_due(&mut self) {
+        if (self.seq.coordinating() && self.pull_unheard.is_none()) || self.now < self.next_pull {
+            return;
+        }
+        self.next_pull = self.now + self.pull_pause;
+        self.pull_pause = (self.pull_pause * 2).min(self.cfg.pull_interval_max);
+        let mut to: Vec<SocketAddr> = Vec::with_capacity(2);
+        if !self.seq.coordinating()
+            && let Some(c) = self.member_addr(self.seq.coordinator())
+        {
+            to.push(c);
+        }
+        if let Some(a) = self.pull_unheard
+            && !to.contains(&a)
+        {
+            to.push(a);
+        }
+        let (have_coordinator, have_ver) = self.seq.held();
+        let pull = PullMsg {
+            from: self.me,
+            have_ver,
+            have_coordinator,
+            zone: self.zone,
+        };
+        let data = wire::encode_pull(self.tag, &pull);
+        for c in to {
+            self.push_out(Output::Datagram {
+                to: c,
+                data: data.clone(),
             });
-            if now >= st.next_at {
-                due.push(*c);
+        }
+    }
+
+    /// Syncs with a random member now and then. A sync carries the whole state, so larger
+    /// clusters sync less often (memberlist's push/pull scaling): x1 up to 32 members, then +1
+    /// per doubling.
+    fn sync_if_due(&mut self) {
+        if self.now < self.next_sync {
+            return;
+        }
+        let n = (self.foca.num_members() + 1) as f64;
+        let scale = 1.0 + (n / 32.0).log2().max(0.0);
+        self.next_sync = self.now
+            + self
+                .cfg
+                .sync_interval
+                .mul_f64(scale * self.rng.random_range(0.5..1.5));
+        if self.left {
+            return;
+        }
+        let others: Vec<NodeId> = self
+            .alive()
+            .into_iter()
+            .filter(|m| m.uuid != self.me.uuid)
+            .collect();
+        if let Some(peer) = others.choose(&mut self.rng).copied() {
+            // A digest first: the peer answers with its whole state only if its view differs.
+            let msg = wire::DigestMsg {
+                from: self.me,
+                digest: self.view_digest(peer.uuid),
+            };
+            self.push_out(Output::Stream {
+                to: peer.addr,
+                data: wire::encode_digest(self.tag, &msg),
+            });
+        }
+    }
+
+    /// A digest of the active view without this member and `other`: two members whose views
+    /// agree on everyone else compute the same digest for each other. The sum of a hash per
+    /// identity, so the order does not matter.
+    fn view_digest(&self, other: Uuid) -> u64 {
+        let mut buf = Vec::with_capacity(wire::MAX_ID_LEN);
+        let mut d = 0u64;
+        for m in self.foca.iter_members() {
+            let id = m.id();
+            if id.uuid != other && id.uuid != self.me.uuid {
+                buf.clear();
+                wire::put_id(&mut buf, id);
+                d = d.wrapping_add(fnv(&buf));
             }
         }
-        // A few per round: a simultaneous start of hundreds must not be N² syncs. The rest wait
-        // for the next round, by which time the syncs have usually brought them into the view.
-        let n = due.len().min(self.cfg.join_fanout.max(1));
-        let (chosen, rest) = due.partial_shuffle(&mut self.rng, n);
-        for c in rest.iter() {
-            if let Some(st) = self.joins.get_mut(c) {
-                st.next_at = now + self.cfg.join_retry.mul_f64(self.rng.random_range(0.5..1.0));
-            }
-        }
-        let due: Vec<SocketAddr> = chosen.to_vec();
-        for c in &due {
-            if let Some(st) = self.joins.get_mut(c) {
-                let pause = st.backoff.mul_f64(self.rng.random_range(0.75..1.25));
-                st.next_at = now + pause;
-                st.backoff = (st.backoff * 2).min(self.cfg.join_retry_max);
-            }
-        }
-        // Joins only wake the engine while some candidate is outside the view; syncs and
-        // timers wake it anyway, and `set_candidates` resets this.
-        self.next_join = self
-            .candidates
-            .iter()
-            .filter(|c| !alive.contains(*c))
-            .filter_map(|c| self.joins.get(c).map(|j| j.next_at))
-            .min()
-            .unwrap_or(Duration::MAX)
-            .max(now + Duration::from_millis(1));
-        for c in due {
-            if let Err(e) = self.foca.announce(NodeId::unknown_at(c), &mut self.rt) {
-                tracing::debug!("announce to {c}: {e}");
-            }
+        d
+    }
+
+    /// Announces this member, and sends a state sync, to the candidates outside the view that
+    /// are due (see [`Joins::due`]).
+    fn join_candidates(&mut self) {
+        // A candidate in the held list is in the cluster: its coordinator heard from it. This
+        // member's view learns of it through gossip and syncs; joining it again would send two
+        // whole states, over and over while the view lags (hundreds of members).
+        let mut active: HashSet<SocketAddr> = self.index().active_addrs().collect();
+        active.extend(self.seq.list().members.iter().map(|m| m.addr));
+        for c in self.joins.due(&active, self.now, &mut self.rng) {
+            self.announce_to(NodeId::unknown_at(c));
             self.send_sync(c);
         }
     }
@@ -1329,6 +1232,7 @@ impl Engine {
         if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
             tracing::debug!("leave: {e}");
         }
+        self.after_foca();
         let data = wire::encode_leave(self.tag, &self.me);
         for m in others {
             self.push_out(Output::Datagram {
@@ -1354,12 +1258,14 @@ impl Engine {
     }
 
     fn send_list(&mut self, to: SocketAddr) {
+        let list = self.seq.list();
         let data = wire::encode_list(
             self.tag,
             &ListMsg {
-                ver: self.list.ver,
-                coordinator: self.list.coordinator,
-                members: self.list.members.clone(),
+                ver: list.ver,
+                coordinator: list.coordinator,
+                members: list.members.clone(),
+                zones: list.zones.clone(),
             },
         );
         if data.len() <= self.cfg.max_datagram {
@@ -1371,8 +1277,24 @@ impl Engine {
 
     /// Carries out what foca asked for, then brings the member list up to date.
     fn flush(&mut self) {
-        let rt = std::mem::take(&mut self.rt);
-        for (to, data) in rt.sends {
+        self.after_foca();
+        let mut timers = Vec::new();
+        while let Some(t) = self.rt.to_schedule() {
+            timers.push(t);
+        }
+        let notes = std::mem::take(&mut self.notes);
+        self.send_foca_packets();
+        self.announce_failed_probes(&notes, &timers);
+        self.schedule_foca_timers(timers);
+        self.apply_notifications(notes);
+        if !self.left && std::mem::take(&mut self.dirty) {
+            self.reconcile();
+        }
+    }
+
+    /// Wraps foca's packets in the envelope and sends them.
+    fn send_foca_packets(&mut self) {
+        while let Some((to, data)) = self.rt.to_send() {
             let mut buf = Vec::with_capacity(wire::HEADER_LEN + data.len());
             wire::put_header(&mut buf, Kind::Foca, self.tag);
             buf.extend_from_slice(&data);
@@ -1381,26 +1303,37 @@ impl Engine {
                 data: buf,
             });
         }
-        let mut failed_probes = Vec::new();
-        for note in &rt.notes {
-            if let OwnedNotification::ProbeFailed(_, id) = note {
-                failed_probes.push(*id);
-            }
-        }
-        for id in failed_probes {
-            let inc = rt.timers.iter().find_map(|(_, ev)| match ev {
+    }
+
+    /// Lifeguard's independent suspicions: for each of this member's own probes that failed,
+    /// tells a few members and the target (the incarnation comes from foca's suspicion timer).
+    fn announce_failed_probes(
+        &mut self,
+        notes: &[OwnedNotification<NodeId>],
+        timers: &[(Duration, Timer<NodeId>)],
+    ) {
+        for note in notes {
+            let OwnedNotification::ProbeFailed(_, id) = note else {
+                continue;
+            };
+            let inc = timers.iter().find_map(|(_, ev)| match ev {
                 Timer::ChangeSuspectToDown {
                     member_id,
                     incarnation,
                     ..
-                } if *member_id == id => Some(*incarnation),
+                } if member_id == id => Some(*incarnation),
                 _ => None,
             });
             if let Some(inc) = inc {
-                self.announce_suspicion(id, inc);
+                self.announce_suspicion(*id, inc);
             }
         }
-        for (after, ev) in rt.timers {
+    }
+
+    /// Queues foca's timers, noting its current token for the suspicion timers the engine
+    /// starts itself.
+    fn schedule_foca_timers(&mut self, timers: Vec<(Duration, Timer<NodeId>)>) {
+        for (after, ev) in timers {
             if let Timer::ProbeRandomMember(token)
             | Timer::SendIndirectProbe { token, .. }
             | Timer::ChangeSuspectToDown { token, .. } = &ev
@@ -1409,7 +1342,12 @@ impl Engine {
             }
             self.schedule(after, ev);
         }
-        for note in rt.notes {
+    }
+
+    /// Updates counters, probe round trips, health, identity and joins from foca's
+    /// notifications; a membership change marks the list for recomputing.
+    fn apply_notifications(&mut self, notes: Vec<OwnedNotification<NodeId>>) {
+        for note in notes {
             if matches!(
                 note,
                 OwnedNotification::MemberUp(_)
@@ -1420,6 +1358,15 @@ impl Engine {
                     | OwnedNotification::Active
             ) {
                 self.dirty = true;
+            }
+            if matches!(
+                note,
+                OwnedNotification::MemberUp(_)
+                    | OwnedNotification::MemberDown(_)
+                    | OwnedNotification::Rename(..)
+                    | OwnedNotification::Rejoin(_)
+            ) {
+                self.pull_soon();
             }
             match note {
                 OwnedNotification::DataReceived(h) => {
@@ -1433,16 +1380,15 @@ impl Engine {
                     if matches!(
                         h.message,
                         foca::Message::Ack(_) | foca::Message::ForwardedAck { .. }
-                    ) && self.health > 0
+                    ) && self.lifeguard.heal()
                     {
                         // A probe answered: Lifeguard heals the score one step.
-                        self.health -= 1;
-                        self.stats.health = self.health;
+                        self.stats.health = self.lifeguard.health();
                     }
                 }
                 OwnedNotification::MemberDown(id) => {
                     self.stats.members_down += 1;
-                    self.suspicions.remove(&id.addr);
+                    self.lifeguard.forget(id.addr);
                 }
                 OwnedNotification::MemberUp(_) => self.stats.members_up += 1,
                 OwnedNotification::Rejoin(id) => {
@@ -1455,8 +1401,7 @@ impl Engine {
                 }
                 OwnedNotification::Idle => {
                     // Alone again: try every candidate right away.
-                    self.joins.clear();
-                    self.next_join = self.now;
+                    self.joins.reset(self.now);
                 }
                 OwnedNotification::DataSent(h) => {
                     if let foca::Message::Ping(n) = h.message {
@@ -1465,9 +1410,6 @@ impl Engine {
                 }
                 _ => {}
             }
-        }
-        if !self.left && std::mem::take(&mut self.dirty) {
-            self.reconcile();
         }
     }
 
@@ -1481,8 +1423,9 @@ impl Engine {
             .collect()
     }
 
-    /// The oldest eligible member issues a new list version whenever its view changes; the
-    /// others only note who it is, and pull from it soon when that changes.
+    /// Recomputes the coordinator (the oldest eligible member) and, on the coordinator, issues
+    /// a new list version when the view changed; the others only note who it is, and pull from
+    /// it soon when that changes.
     fn reconcile(&mut self) {
         let state: HashMap<SocketAddr, Uuid> = self
             .foca
@@ -1490,13 +1433,14 @@ impl Engine {
             .map(|m| (m.id().addr, m.id().uuid))
             .collect();
         self.heard.retain(|a, u| state.get(a) == Some(u));
+        let uuids: BTreeSet<Uuid> = state.values().copied().collect();
+        self.zones.retain(|u, _| uuids.contains(u));
         let mut alive = self.alive();
         alive.sort_by(NodeId::cmp_age);
         let members = self.eligible(&alive);
         let coordinator = members[0];
-        if coordinator.uuid != self.coordinator {
-            self.coordinator = coordinator.uuid;
-            self.stale_lists = 0;
+        if self.seq.set_coordinator(coordinator.uuid) {
+            self.pull_pause = self.cfg.pull_interval;
             self.next_pull = self.now;
         }
         // Anyone older than the coordinator has not been heard from: pull it, so that it hears
@@ -1508,41 +1452,22 @@ impl Engine {
             self.next_pull = self.now;
         }
         self.pull_unheard = unheard;
-        if coordinator.uuid != self.me.uuid {
-            self.issue_at = None;
-            return;
-        }
-        if self.list.coordinator == self.me.uuid && self.list.same_members(&members) {
-            self.issue_at = None;
-            return;
-        }
-        if let Some(last) = self.last_issue
-            && self.now < last + self.cfg.list_min_interval
-        {
-            // Fold bursts of changes into one version.
-            self.issue_at = Some(last + self.cfg.list_min_interval);
-            return;
-        }
-        self.last_issue = Some(self.now);
-        self.issue_at = None;
-        // The held list is ours or our former coordinator's, never a number a message only
-        // claimed; versions wrap and compare in serial-number order (`list::ver_newer`).
-        let ver = self.list.ver.wrapping_add(1);
-        self.list = MemberList {
-            ver,
-            coordinator: self.me.uuid,
-            members,
-        };
-        self.changes.push(self.list.clone());
-        let targets: Vec<SocketAddr> = self
-            .list
-            .members
+        let zones: BTreeMap<Uuid, Zone> = members
             .iter()
-            .filter(|m| m.uuid != self.me.uuid)
-            .map(|m| m.addr)
+            .filter_map(|m| self.zone_of(m.uuid).map(|z| (m.uuid, z)))
             .collect();
-        for to in targets {
-            self.send_list(to);
+        if self.seq.issue(members, zones, self.now) == Issue::Issued {
+            let targets: Vec<SocketAddr> = self
+                .seq
+                .list()
+                .members
+                .iter()
+                .filter(|m| m.uuid != self.me.uuid)
+                .map(|m| m.addr)
+                .collect();
+            for to in targets {
+                self.send_list(to);
+            }
         }
     }
 }
@@ -1551,6 +1476,7 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::id::Role;
+    use crate::sequencer::STALE_LISTS_TO_ADOPT;
     use crate::wire::FocaPacket;
     use foca::{Header, Message, State};
 
@@ -1658,13 +1584,26 @@ mod tests {
             .map(|m| m.state())
     }
 
+    /// `e` coordinates a view of its own: four younger members join it one by one, so it
+    /// issues versions 2 to 5.
+    fn coordinate_alone_up_to_ver_5(e: &mut Engine, first: u8) {
+        for n in first..first + 4 {
+            let x = engine(id(n, u64::from(n)));
+            sync_into(e, &x);
+            settle(e);
+        }
+        assert_eq!(e.list().ver, 5);
+        assert_eq!(e.list().coordinator, e.me.uuid);
+        e.drain_outputs();
+    }
+
     #[test]
     fn a_member_holding_another_coordinators_list_converges_to_ours() {
         let mut a = engine(id(1, 1));
         let mut b = engine(id(2, 2));
         // `b` coordinated a view of its own for a while and holds its own list at ver 5, above
         // anything `a` issued (two coordinators during a concurrent start).
-        b.list.ver = 5;
+        coordinate_alone_up_to_ver_5(&mut b, 10);
         sync_into(&mut a, &b);
         sync_into(&mut b, &a);
         assert_eq!(a.list().ver, 2, "a issued its second list");
@@ -1673,31 +1612,145 @@ mod tests {
         deliver(&mut a, &mut b);
         assert_eq!(b.list(), a.list());
         assert_eq!(b.list().ver, 2);
-        // Had the push been lost, b's pull (holding its own list) would get it too.
-        b.list = MemberList {
-            ver: 5,
-            coordinator: b.me.uuid,
-            members: vec![b.me],
-        };
-        b.changes.clear();
-        b.now += Duration::from_secs(2);
-        b.tick(b.now);
-        deliver(&mut b, &mut a);
-        let answers: Vec<Vec<u8>> = sent_to(&mut a, b.me.addr)
+        // Had the push been lost, the member's pull (holding its own list) would get it too.
+        let mut c = engine(id(3, 3));
+        coordinate_alone_up_to_ver_5(&mut c, 20);
+        sync_into(&mut a, &c);
+        sync_into(&mut c, &a);
+        settle(&mut a);
+        assert_eq!(a.list().ver, 3);
+        a.drain_outputs();
+        assert_eq!(
+            c.list().coordinator,
+            c.me.uuid,
+            "c still holds its own list"
+        );
+        c.now += Duration::from_secs(2);
+        c.tick(c.now);
+        deliver(&mut c, &mut a);
+        let answers: Vec<Vec<u8>> = sent_to(&mut a, c.me.addr)
             .into_iter()
             .filter(|d| kind_of(d) == Kind::List)
             .collect();
         assert_eq!(answers.len(), 1, "a answers the pull");
-        b.handle_datagram(a.me.addr, &answers[0], b.now);
-        assert_eq!(b.list(), a.list());
+        c.handle_datagram(a.me.addr, &answers[0], c.now);
+        assert_eq!(c.list(), a.list());
         // A member that already holds our list causes no answer and no new version.
         let ver = a.list().ver;
-        b.now += Duration::from_secs(1);
-        b.tick(b.now);
-        deliver(&mut b, &mut a);
-        let answers = sent_to(&mut a, b.me.addr);
+        c.now += Duration::from_secs(1);
+        c.tick(c.now);
+        deliver(&mut c, &mut a);
+        let answers = sent_to(&mut a, c.me.addr);
         assert!(answers.iter().all(|d| kind_of(d) != Kind::List));
         assert_eq!(a.list().ver, ver);
+    }
+
+    fn zone(s: &str) -> Option<Zone> {
+        Some(Zone::new(s).unwrap())
+    }
+
+    #[test]
+    fn zones_travel_in_syncs_pulls_and_lists() {
+        let mut a = engine(id(1, 1)).with_zone(zone("us-central1-a"));
+        let mut b = engine(id(2, 2)).with_zone(zone("us-central1-b"));
+        let mut c = engine(id(3, 3));
+        assert_eq!(a.list().zone(a.me.uuid), zone("us-central1-a"));
+        sync_into(&mut a, &b);
+        sync_into(&mut b, &a);
+        sync_into(&mut a, &c);
+        sync_into(&mut c, &a);
+        settle(&mut a);
+        for o in a.drain_outputs() {
+            if let Output::Datagram { to, data } = o {
+                for e in [&mut b, &mut c] {
+                    if e.me.addr == to {
+                        e.handle_datagram(a.me.addr, &data, e.now);
+                    }
+                }
+            }
+        }
+        for e in [&a, &b, &c] {
+            let l = e.list();
+            assert_eq!(l.members.len(), 3, "{:?}: {l:?}", e.me);
+            assert_eq!(l.zone(a.me.uuid), zone("us-central1-a"));
+            assert_eq!(l.zone(b.me.uuid), zone("us-central1-b"));
+            assert_eq!(l.zone(c.me.uuid), None);
+        }
+        assert_eq!(c.zone_of(b.me.uuid), zone("us-central1-b"));
+        // b's pull tells the coordinator its zone too; the same zone changes nothing.
+        let ver = a.list().ver;
+        let (a_uuid, b_me) = (a.me.uuid, b.me);
+        let pull = |z: Option<Zone>| {
+            wire::encode_pull(
+                TAG,
+                &PullMsg {
+                    from: b_me,
+                    have_ver: ver,
+                    have_coordinator: a_uuid,
+                    zone: z,
+                },
+            )
+        };
+        a.handle_datagram(b.me.addr, &pull(zone("us-central1-b")), a.now);
+        settle(&mut a);
+        assert_eq!(a.list().ver, ver);
+        // A zone is fixed for a UUID: another one, or none, is refused and changes nothing.
+        for lie in [zone("eu-west-1b"), None] {
+            a.handle_datagram(b.me.addr, &pull(lie), a.now);
+            settle(&mut a);
+            assert_eq!(a.list().zone(b.me.uuid), zone("us-central1-b"));
+            assert_eq!(a.list().ver, ver);
+        }
+        assert_eq!(a.stats().rejected.get("zone_changed"), Some(&2));
+        let sync = wire::encode_sync(
+            TAG,
+            Kind::SyncRequest,
+            &SyncMsg {
+                zone: zone("elsewhere"),
+                ..b.sync_msg()
+            },
+        );
+        a.handle_stream(b.me.addr, &sync, a.now);
+        assert_eq!(a.stats().rejected.get("zone_changed"), Some(&3));
+        assert_eq!(a.zone_of(b.me.uuid), zone("us-central1-b"));
+    }
+
+    #[test]
+    fn a_list_cannot_override_what_a_member_said_of_itself() {
+        let (a, mut b) = pair();
+        let mut c = engine(id(3, 3)).with_zone(zone("zone-c"));
+        sync_into(&mut b, &c);
+        assert_eq!(b.zone_of(c.me.uuid), zone("zone-c"));
+        sync_into(&mut c, &b);
+        // The coordinator lists c with another zone: b shows the coordinator's list as issued,
+        // but keeps what c said of itself for the lists it may issue later.
+        let list = wire::encode_list(
+            TAG,
+            &ListMsg {
+                ver: b.list().ver + 1,
+                coordinator: a.me.uuid,
+                members: vec![a.me, b.me, c.me],
+                zones: [(c.me.uuid, Zone::new("zone-x").unwrap())].into(),
+            },
+        );
+        b.handle_datagram(a.me.addr, &list, b.now);
+        assert_eq!(b.list().zone(c.me.uuid), zone("zone-x"));
+        assert_eq!(b.zone_of(c.me.uuid), zone("zone-c"));
+        // The coordinator's own entry is its own claim: changing it is refused.
+        let mut a2 = a;
+        a2.zone = zone("new");
+        let list = wire::encode_list(
+            TAG,
+            &ListMsg {
+                ver: b.list().ver + 1,
+                coordinator: a2.me.uuid,
+                members: vec![a2.me, b.me],
+                zones: [(a2.me.uuid, Zone::new("new").unwrap())].into(),
+            },
+        );
+        b.handle_datagram(a2.me.addr, &list, b.now);
+        assert_eq!(b.stats().rejected.get("zone_changed"), Some(&1));
+        assert!(b.list().contains(c.me.uuid));
     }
 
     #[test]
@@ -1711,6 +1764,7 @@ mod tests {
                     from: b.me,
                     have_ver,
                     have_coordinator,
+                    zone: None,
                 },
             );
             a.handle_datagram(b.me.addr, &pull, a.now);
@@ -1734,6 +1788,7 @@ mod tests {
                     ver,
                     coordinator,
                     members: vec![a_me, b_me],
+                    zones: Default::default(),
                 },
             )
         };
@@ -1752,6 +1807,7 @@ mod tests {
                 ver: held.ver + 1,
                 coordinator: a.me.uuid,
                 members: vec![a.me],
+                zones: Default::default(),
             },
         );
         b.handle_datagram(a.me.addr, &without, b.now);
@@ -1774,6 +1830,7 @@ mod tests {
                     ver,
                     coordinator: a_me.uuid,
                     members: vec![a_me, b_me],
+                    zones: Default::default(),
                 },
             )
         };
@@ -1785,8 +1842,12 @@ mod tests {
             let adopted = b.list().ver == real;
             assert_eq!(adopted, i == STALE_LISTS_TO_ADOPT, "answer {i}");
         }
-        // Serial order: after u64::MAX comes 0, then 1.
-        b.list.ver = u64::MAX - 1;
+        // Serial order: after u64::MAX comes 0, then 1. u64::MAX - 1 is "older" than what b
+        // holds, so the coordinator insists until b believes it.
+        for _ in 0..STALE_LISTS_TO_ADOPT {
+            b.handle_datagram(a.me.addr, &list(u64::MAX - 1), b.now);
+        }
+        assert_eq!(b.list().ver, u64::MAX - 1);
         for ver in [u64::MAX, 0, 1] {
             b.handle_datagram(a.me.addr, &list(ver), b.now);
             assert_eq!(b.list().ver, ver);
@@ -1806,9 +1867,10 @@ mod tests {
             &SyncMsg {
                 from: claimed,
                 members: Vec::new(),
+                zone: None,
             },
         );
-        assert_eq!(data.len(), 50);
+        assert_eq!(data.len(), 51);
         e.handle_datagram(stranger, &data, Duration::from_millis(1));
         assert!(e.drain_outputs().is_empty());
         assert_eq!(e.stats().rejected.get("sync_over_datagram"), Some(&1));
@@ -1823,6 +1885,7 @@ mod tests {
         let msg = SyncMsg {
             from: peer,
             members: Vec::new(),
+            zone: None,
         };
         let data = wire::encode_sync(TAG, Kind::SyncRequest, &msg);
         // From another IP: refused, nobody answered, nobody added.
@@ -1860,6 +1923,7 @@ mod tests {
             &SyncMsg {
                 from: b.me,
                 members: many,
+                zone: None,
             },
         );
         a.handle_stream(b.me.addr, &data, a.now);
@@ -1901,6 +1965,7 @@ mod tests {
                 from: b.me,
                 have_ver: 0,
                 have_coordinator: b.me.uuid,
+                zone: None,
             },
         );
         a.handle_datagram(other, &pull, a.now);
@@ -1983,7 +2048,7 @@ mod tests {
         a.handle_datagram(c.me.addr, &gossip, a.now);
         assert_eq!(state_of(&a, &b.me), Some(State::Suspect));
         assert!(a.list().contains(b.me.uuid), "b left the list at once");
-        let s = a.suspicions.get(&b.me.addr).expect("a suspicion");
+        let s = a.lifeguard.get(b.me.addr).expect("a suspicion");
         assert_eq!(
             s.confirmers,
             vec![c.me.uuid],
@@ -2059,6 +2124,7 @@ mod tests {
                 ver: b.list().ver + 1,
                 coordinator: a.me.uuid,
                 members: vec![b.me],
+                zones: Default::default(),
             },
         );
         b.handle_datagram(c.me.addr, &list, b.now);
@@ -2088,6 +2154,7 @@ mod tests {
             &SyncMsg {
                 from: b.me,
                 members: ghosts,
+                zone: None,
             },
         );
         a.handle_stream(b.me.addr, &data, a.now);
@@ -2096,7 +2163,11 @@ mod tests {
             a.now += Duration::from_millis(500);
             a.tick(a.now);
         }
-        assert_eq!(a.coordinator, a.me.uuid, "a ghost became the coordinator");
+        assert_eq!(
+            a.seq.coordinator(),
+            a.me.uuid,
+            "a ghost became the coordinator"
+        );
         for l in a.drain_changes() {
             assert!(
                 l.members
@@ -2133,5 +2204,129 @@ mod tests {
         a.tick(a.now);
         assert_eq!(state_of(&a, &b.me), None);
         assert!(!a.in_state(b.me.addr));
+    }
+
+    /// Runs `a` and `b` for `d` in steps of 50 ms, delivering everything between them; returns
+    /// when `b` pulled.
+    fn run_pair(a: &mut Engine, b: &mut Engine, d: Duration) -> Vec<Duration> {
+        let mut pulls = Vec::new();
+        let end = b.now + d;
+        while b.now < end {
+            let step = Duration::from_millis(50);
+            a.now += step;
+            b.now += step;
+            a.tick(a.now);
+            b.tick(b.now);
+            for _ in 0..3 {
+                for o in b.drain_outputs() {
+                    if let Output::Datagram { to, data } = o
+                        && to == a.me.addr
+                    {
+                        if kind_of(&data) == Kind::Pull {
+                            pulls.push(b.now);
+                        }
+                        a.handle_datagram(b.me.addr, &data, a.now);
+                    }
+                }
+                deliver(a, b);
+            }
+        }
+        pulls
+    }
+
+    #[test]
+    fn pulls_back_off_while_quiet_and_return_after_a_change() {
+        let (mut a, mut b) = pair();
+        let pulls = run_pair(&mut a, &mut b, Duration::from_secs(70));
+        let gaps: Vec<f64> = pulls
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        assert!(gaps.len() >= 5, "{pulls:?}");
+        assert!(gaps[0] <= 2.1, "the first pauses are short: {gaps:?}");
+        assert!(
+            gaps.windows(2).all(|g| g[1] >= g[0] - 0.06),
+            "the pause only grows while quiet: {gaps:?}"
+        );
+        assert!(gaps.iter().all(|g| *g <= 30.06), "at most 30 s: {gaps:?}");
+        assert!(gaps.iter().any(|g| *g >= 16.0), "{gaps:?}");
+        assert_eq!(b.list(), a.list(), "b kept the list all along");
+        // A change in b's view brings the next pull within a second.
+        let c = engine(id(3, 3));
+        sync_into(&mut b, &c);
+        let at = b.now;
+        let pulls = run_pair(&mut a, &mut b, Duration::from_millis(1100));
+        assert!(
+            pulls
+                .first()
+                .is_some_and(|t| *t - at <= Duration::from_millis(1050))
+        );
+    }
+
+    #[test]
+    fn a_periodic_sync_opens_with_a_digest_and_only_a_differing_view_costs_a_whole_state() {
+        let (mut a, b) = pair();
+        let digest = |from: &Engine, to: &Engine| {
+            wire::encode_digest(
+                TAG,
+                &wire::DigestMsg {
+                    from: from.me,
+                    digest: from.view_digest(to.me.uuid),
+                },
+            )
+        };
+        // Views that agree (each knows only the other): no answer.
+        a.handle_stream(b.me.addr, &digest(&b, &a), a.now);
+        assert!(a.drain_outputs().is_empty());
+        // a learns of c; b's view lacks it: a whole state goes back, as a request.
+        let c = engine(id(3, 3));
+        sync_into(&mut a, &c);
+        a.drain_outputs();
+        a.handle_stream(b.me.addr, &digest(&b, &a), a.now);
+        let back = sent_to(&mut a, b.me.addr);
+        assert_eq!(back.len(), 1);
+        assert_eq!(kind_of(&back[0]), Kind::SyncRequest);
+        // Only over a stream, and only from the sender's IP.
+        a.handle_datagram(b.me.addr, &digest(&b, &a), a.now);
+        a.handle_stream("10.0.0.9:4000".parse().unwrap(), &digest(&b, &a), a.now);
+        assert!(a.drain_outputs().is_empty());
+        assert_eq!(a.stats().rejected.get("sync_over_datagram"), Some(&1));
+        assert_eq!(a.stats().rejected.get("spoofed_source"), Some(&1));
+        // A stranger's digest gets a whole state at its own address (it is not in the view).
+        let d = engine(id(4, 4));
+        a.handle_stream(d.me.addr, &digest(&d, &a), a.now);
+        let back = sent_to(&mut a, d.me.addr);
+        assert_eq!(back.len(), 1);
+        assert_eq!(kind_of(&back[0]), Kind::SyncRequest);
+    }
+
+    #[test]
+    fn every_prober_tells_the_same_witnesses() {
+        let mut es: Vec<Engine> = (1..=10).map(|n| engine(id(n, u64::from(n)))).collect();
+        for i in 0..es.len() {
+            for j in 0..es.len() {
+                if i != j {
+                    let peer = wire::encode_sync(TAG, Kind::SyncResponse, &es[j].sync_msg());
+                    let from = es[j].me.addr;
+                    let now = es[i].now;
+                    es[i].handle_stream(from, &peer, now);
+                }
+            }
+        }
+        let target = es[9].me;
+        let sets: Vec<HashSet<SocketAddr>> = es[..9]
+            .iter()
+            .map(|e| e.witnesses(&target).into_iter().collect())
+            .collect();
+        for (i, w) in sets.iter().enumerate() {
+            assert_eq!(w.len(), WITNESSES);
+            assert!(!w.contains(&target.addr) && !w.contains(&es[i].me.addr));
+        }
+        // Two probers that are not witnesses themselves pick exactly the same ones.
+        let outside: Vec<usize> = (0..9)
+            .filter(|&i| !sets.iter().any(|w| w.contains(&es[i].me.addr)))
+            .collect();
+        assert!(outside.len() >= 2, "{outside:?}");
+        assert_eq!(sets[outside[0]], sets[outside[1]]);
     }
 }

@@ -1,11 +1,12 @@
 //! The versioned member list and its Hazelcast log format, with a parser for tests and tools.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use uuid::Uuid;
 
-use crate::id::NodeId;
+use crate::id::{NodeId, Zone};
 
 /// A member list as the oldest member sequenced it: the same on every member once converged.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -18,6 +19,9 @@ pub struct MemberList {
     pub coordinator: Uuid,
     /// The members, oldest first.
     pub members: Vec<NodeId>,
+    /// The zones of the listed members that reported one, by UUID (see [`MemberList::zone`]).
+    /// Not part of the Hazelcast rendering.
+    pub zones: BTreeMap<Uuid, Zone>,
 }
 
 /// Whether version `a` is newer than `b` in serial-number order (RFC 1982 over 64 bits): `a`
@@ -29,6 +33,11 @@ pub fn ver_newer(a: u64, b: u64) -> bool {
 }
 
 impl MemberList {
+    /// The zone the member with this UUID reported, as the list's coordinator heard it.
+    pub fn zone(&self, uuid: Uuid) -> Option<Zone> {
+        self.zones.get(&uuid).copied()
+    }
+
     /// Whether the member with this UUID is in the list.
     pub fn contains(&self, uuid: Uuid) -> bool {
         self.members.iter().any(|m| m.uuid == uuid)
@@ -208,6 +217,7 @@ mod tests {
             ver: 3,
             coordinator: Uuid::from_u128(1),
             members: vec![m("10.0.0.5:10081", 1), m("[::1]:10081", 2)],
+            zones: [(Uuid::from_u128(2), Zone::new("us-central1-a").unwrap())].into(),
         };
         assert_eq!(
             list.render(Uuid::from_u128(1)),
@@ -224,6 +234,7 @@ mod tests {
             ver: 7,
             coordinator: Uuid::from_u128(1),
             members: vec![m("10.0.0.5:10081", 1), m("[fd00::2]:10081", 2)],
+            zones: BTreeMap::new(),
         };
         let text = format!(
             "noise\n2026-11-28T00:00:00Z  INFO members: {}\nmore noise\n",

@@ -6,7 +6,7 @@
 //! attack scenarios. Nothing here touches a socket.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -40,6 +40,133 @@ pub struct SimNode {
     pub group: u32,
     /// Bytes this host sent.
     pub bytes_out: u64,
+    /// What this host sent, by message kind.
+    pub traffic: Traffic,
+}
+
+/// IPv4 and UDP headers: what a datagram costs on the wire beyond its payload.
+pub const UDP_OVERHEAD: u64 = 20 + 8;
+
+/// An estimate of what one stream costs on the wire beyond its payload: a TCP connection per
+/// message (handshake, teardown and the receiver's acknowledgements, about 7 packets of 60
+/// bytes) plus 78 bytes per 1448-byte segment (its own headers and half an acknowledgement).
+pub fn stream_overhead(len: u64) -> u64 {
+    420 + 78 * len.div_ceil(1448).max(1)
+}
+
+/// Messages and bytes sent, by kind: foca's messages by their SWIM type, with the member updates
+/// they piggyback counted apart (`piggyback_alive`, `_suspect`, `_down`: updates, not messages,
+/// so the total's message count is an upper bound), and the engine's own messages by wire kind.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Traffic {
+    /// Per kind: messages, payload bytes, and bytes on the wire (headers included).
+    pub kinds: BTreeMap<&'static str, (u64, u64, u64)>,
+}
+
+impl Traffic {
+    fn add(&mut self, kind: &'static str, n: u64, payload: u64, wire: u64) {
+        let e = self.kinds.entry(kind).or_default();
+        e.0 += n;
+        e.1 += payload;
+        e.2 += wire;
+    }
+
+    /// Counts one message of the cluster with this tag, as the engine sent it.
+    pub fn count(&mut self, data: &[u8], stream: bool, tag: u64) {
+        let len = data.len() as u64;
+        let wire = len
+            + if stream {
+                stream_overhead(len)
+            } else {
+                UDP_OVERHEAD
+            };
+        let Ok((kind, p)) = wire::split_header(data, tag) else {
+            self.add("unknown", 1, len, wire);
+            return;
+        };
+        let name = match kind {
+            wire::Kind::Foca => match wire::decode_foca(p) {
+                Ok(pkt) => {
+                    let mut piggy = 0;
+                    // A feed's members are its content (the answer to an announce), not
+                    // piggybacked updates.
+                    let feed = pkt.header.message == foca::Message::Feed;
+                    for m in pkt.updates.iter().flatten().filter(|_| !feed) {
+                        let len = encoded_member_len(m) as u64;
+                        let kind = match m.state() {
+                            foca::State::Alive => "piggyback_alive",
+                            foca::State::Suspect => "piggyback_suspect",
+                            foca::State::Down => "piggyback_down",
+                        };
+                        self.add(kind, 1, len, len);
+                        piggy += len;
+                    }
+                    let name = foca_kind(&pkt.header.message);
+                    self.add(name, 1, len - piggy, wire - piggy);
+                    return;
+                }
+                Err(_) => "foca_malformed",
+            },
+            wire::Kind::List => "list",
+            wire::Kind::Pull => "pull",
+            wire::Kind::SyncRequest => "sync_request",
+            wire::Kind::SyncResponse => "sync_response",
+            wire::Kind::SyncDigest => "sync_digest",
+            wire::Kind::Leave => "leave",
+            wire::Kind::Suspect => "suspect",
+        };
+        self.add(name, 1, len, wire);
+    }
+
+    /// Adds another host's counts.
+    pub fn merge(&mut self, other: &Traffic) {
+        for (k, (n, p, w)) in &other.kinds {
+            self.add(k, *n, *p, *w);
+        }
+    }
+
+    /// The counts since `before`, scaled by `1 / div` (per member and second, say).
+    pub fn since(&self, before: &Traffic, div: f64) -> BTreeMap<&'static str, (f64, f64, f64)> {
+        self.kinds
+            .iter()
+            .map(|(k, (n, p, w))| {
+                let (n0, p0, w0) = before.kinds.get(k).copied().unwrap_or_default();
+                (
+                    *k,
+                    (
+                        (n - n0) as f64 / div,
+                        (p - p0) as f64 / div,
+                        (w - w0) as f64 / div,
+                    ),
+                )
+            })
+            .filter(|(_, (n, p, _))| *n > 0.0 || *p > 0.0)
+            .collect()
+    }
+}
+
+fn encoded_member_len(m: &foca::Member<NodeId>) -> usize {
+    let mut buf = Vec::new();
+    use foca::Codec as _;
+    let _ = wire::Codec.encode_member(m, &mut buf);
+    buf.len()
+}
+
+fn foca_kind(m: &foca::Message<NodeId>) -> &'static str {
+    use foca::Message;
+    match m {
+        Message::Ping(_) => "ping",
+        Message::Ack(_) => "ack",
+        Message::PingReq { .. } => "ping_req",
+        Message::IndirectPing { .. } => "indirect_ping",
+        Message::IndirectAck { .. } => "indirect_ack",
+        Message::ForwardedAck { .. } => "forwarded_ack",
+        Message::Announce => "announce",
+        Message::Feed => "feed",
+        Message::Gossip => "gossip",
+        Message::Broadcast => "broadcast",
+        Message::TurnUndead => "turn_undead",
+    }
 }
 
 /// The simulated network and its hosts.
@@ -142,6 +269,7 @@ impl Sim {
                 history: Vec::new(),
                 group: 0,
                 bytes_out: 0,
+                traffic: Traffic::default(),
             });
             self.start(i);
         }
@@ -209,6 +337,8 @@ impl Sim {
                 Output::Stream { to, data } => (to, data, true),
             };
             self.nodes[i].bytes_out += data.len() as u64;
+            let tag = self.tag;
+            self.nodes[i].traffic.count(&data, stream, tag);
             if !stream && self.rng.random_bool(self.loss) {
                 continue;
             }
@@ -482,6 +612,7 @@ mod tests {
                         ver,
                         coordinator: ids[0].uuid,
                         members: ids.clone(),
+                        zones: Default::default(),
                     },
                 )
             };
@@ -492,6 +623,7 @@ mod tests {
                         from,
                         have_ver: u64::MAX,
                         have_coordinator: ids[0].uuid,
+                        zone: None,
                     },
                 )
             };
@@ -660,6 +792,7 @@ mod tests {
             &SyncMsg {
                 from,
                 members: ghosts,
+                zone: None,
             },
         );
         s.inject_stream(0, from.addr, &data);
@@ -723,8 +856,10 @@ mod tests {
         for n in &s.nodes {
             let st = n.engine.as_ref().unwrap().stats();
             let probes: u64 = st.probe_rtt_buckets.iter().sum();
-            // One probe every 500 ms; the simulator's 0.5 to 1.5 ms latency each way.
-            assert!(probes > 100, "a member probes twice a second: {probes}");
+            // One probe every period; the simulator's 0.5 to 1.5 ms latency each way.
+            let period = Config::lan().swim.probe_period.as_secs_f64();
+            let want = (60.0 / period * 0.8) as u64;
+            assert!(probes > want, "a member probes once a period: {probes}");
             let mean = st.probe_rtt_sum / u32::try_from(probes).unwrap();
             assert!(
                 mean >= Duration::from_millis(1) && mean <= Duration::from_millis(3),
@@ -778,6 +913,36 @@ pub mod scenarios {
         Some((after - before) as f64 / n as f64 / window.as_secs_f64())
     }
 
+    /// What a member of a converged, quiet cluster sends per second, by message kind:
+    /// (messages, payload bytes, bytes on the wire with headers), and the total of each.
+    pub fn traffic(
+        n: usize,
+        seed: u64,
+        window: Duration,
+    ) -> Option<BTreeMap<&'static str, (f64, f64, f64)>> {
+        let mut s = Sim::new(seed, Config::lan());
+        let all = s.add_nodes(n);
+        if !s.run_until(Duration::from_secs(120), |s| s.converged(&all)) {
+            return None;
+        }
+        s.run_for(Duration::from_secs(30));
+        let total = |s: &Sim| {
+            let mut t = Traffic::default();
+            for x in &s.nodes {
+                t.merge(&x.traffic);
+            }
+            t
+        };
+        let before = total(&s);
+        s.run_for(window);
+        let mut by_kind = total(&s).since(&before, n as f64 * window.as_secs_f64());
+        let sum = by_kind
+            .values()
+            .fold((0.0, 0.0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2));
+        by_kind.insert("total", sum);
+        Some(by_kind)
+    }
+
     /// Lists, logged by any host, that lack a member which was alive all along.
     pub fn false_removals(n: usize, seed: u64, loss: f64, window: Duration) -> Option<usize> {
         let mut s = Sim::new(seed, Config::lan());
@@ -805,6 +970,7 @@ pub mod scenarios {
 
 #[cfg(test)]
 mod scenario_tests {
+    use super::UDP_OVERHEAD;
     use super::scenarios::*;
     use std::time::Duration;
 
@@ -819,12 +985,40 @@ mod scenario_tests {
         assert_eq!(false_removals(3, 4, 0.0, Duration::from_secs(30)), Some(0));
     }
 
+    #[test]
+    fn traffic_is_counted_by_kind_and_adds_up() {
+        let t = traffic(10, 3, Duration::from_secs(20)).expect("measures");
+        let (n, payload, wire) = t["total"];
+        for kind in ["ping", "ack", "pull"] {
+            assert!(t.get(kind).is_some_and(|v| v.0 > 0.0), "{kind}: {t:?}");
+        }
+        assert!(n > 1.0 && payload > 10.0, "{t:?}");
+        // Every datagram costs at least its UDP/IP headers on the wire.
+        assert!(wire >= payload + n * UDP_OVERHEAD as f64, "{t:?}");
+        let b = bytes_per_second(10, 3, Duration::from_secs(20)).expect("measures");
+        assert!((payload - b).abs() < 1e-6, "{payload} vs {b}");
+    }
+
+    /// What a member sends per second, by kind, at a few sizes; run with
+    /// `cargo test -p membership --release --lib -- --ignored --nocapture traffic_breakdown`.
+    #[test]
+    #[ignore = "slow: a minute of wall time at 200 members"]
+    fn traffic_breakdown() {
+        for n in [3, 30, 200] {
+            let t = traffic(n, 3, Duration::from_secs(60)).expect("measures");
+            eprintln!("n={n}: kind msgs/s payload B/s wire B/s");
+            for (k, (m, p, w)) in &t {
+                eprintln!("  {k:<14} {m:>7.2} {p:>9.1} {w:>9.1}");
+            }
+        }
+    }
+
     /// The figures `cargo xtask bench` reports for the simulator, at its sizes; run with
     /// `cargo test -p membership --release --lib -- --ignored --nocapture figures`.
     #[test]
     #[ignore = "slow: minutes of wall time at 1000 members"]
     fn figures_at_the_bench_sizes() {
-        for n in [100, 500, 1000] {
+        for n in [100, 200, 500, 1000] {
             let c = converge(n, 1).expect("converges");
             let d = detect(n, 2).expect("detects");
             eprintln!("n={n} converge={c:.3} s detect={d:.3} s");

@@ -5,6 +5,7 @@
 //! or of the other logical cluster, are dropped before anything is decoded. Decoding never
 //! trusts a length field: every read is checked against what is left.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut};
@@ -12,16 +13,18 @@ use foca::{Header, Member, Message, State};
 use uuid::Uuid;
 
 use crate::MembershipError;
-use crate::id::{NodeId, Role};
+use crate::id::{NodeId, Role, Zone};
 
 /// The first two bytes of every message.
 pub const MAGIC: [u8; 2] = [0xC5, 0x1A];
 /// The format version; a node drops messages of any other version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes before the payload: magic, version, kind and the 8-byte cluster tag.
 pub const HEADER_LEN: usize = 12;
 /// The largest encoded [`NodeId`].
 pub const MAX_ID_LEN: usize = 1 + 16 + 2 + 16 + 8 + 2 + 1;
+/// The largest encoded zone: a length byte and the zone.
+pub const MAX_ZONE_LEN: usize = 1 + Zone::MAX_LEN;
 
 /// What a message carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +44,9 @@ pub enum Kind {
     /// "My probe of this member failed": an independent suspicion, for Lifeguard's
     /// confirmations.
     Suspect = 7,
+    /// A periodic sync's opening (stream): a digest of the sender's view, so that two members
+    /// that agree exchange a few bytes instead of their whole state.
+    SyncDigest = 8,
 }
 
 impl Kind {
@@ -53,6 +59,7 @@ impl Kind {
             5 => Kind::SyncResponse,
             6 => Kind::Leave,
             7 => Kind::Suspect,
+            8 => Kind::SyncDigest,
             _ => return Err(MembershipError::Decode("unknown message kind")),
         })
     }
@@ -192,6 +199,35 @@ pub fn get_id(buf: &mut impl Buf) -> Result<NodeId, MembershipError> {
     })
 }
 
+/// Encodes an optional zone: its length (0 for none) and its bytes.
+pub fn put_zone(buf: &mut impl BufMut, zone: Option<&Zone>) {
+    match zone {
+        Some(z) => {
+            buf.put_u8(z.as_bytes().len() as u8);
+            buf.put_slice(z.as_bytes());
+        }
+        None => buf.put_u8(0),
+    }
+}
+
+/// Decodes an optional zone; a length over [`Zone::MAX_LEN`] or bytes that are not a label
+/// value (control characters, invalid UTF-8) fail the whole message.
+pub fn get_zone(buf: &mut impl Buf) -> Result<Option<Zone>, MembershipError> {
+    let n = usize::from(get_u8(buf)?);
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > Zone::MAX_LEN {
+        return Err(MembershipError::Decode("zone too long"));
+    }
+    need(buf, n)?;
+    let mut b = [0u8; Zone::MAX_LEN];
+    buf.copy_to_slice(&mut b[..n]);
+    Zone::from_bytes(&b[..n])
+        .map(Some)
+        .map_err(|_| MembershipError::Decode("bad zone"))
+}
+
 fn put_member(buf: &mut impl BufMut, m: &Member<NodeId>) {
     put_id(buf, m.id());
     buf.put_u16(m.incarnation());
@@ -214,7 +250,147 @@ fn get_member(buf: &mut impl Buf) -> Result<Member<NodeId>, MembershipError> {
     Ok(Member::new(id, inc, state))
 }
 
-/// The foca codec: a compact big-endian encoding of headers and members.
+/// A foca header's destination on the wire: the receiver knows its own identity, so a packet
+/// carries only what tells a current identity from an earlier one (its generation and the first
+/// bytes of its UUID), 7 bytes instead of a whole identity. The engine checks it with
+/// [`dst_is`] and hands foca the full identity (`DST_FULL`), since foca only accepts payloads
+/// addressed to exactly its identity.
+/// How much longer a foca payload gets when the engine writes its destination whole: at most
+/// a whole identity for the one-byte unknown destination.
+pub const DST_HEADROOM: usize = MAX_ID_LEN;
+const DST_UNKNOWN: u8 = 0;
+const DST_SHORT: u8 = 1;
+const DST_FULL: u8 = 2;
+
+fn put_dst(buf: &mut impl BufMut, dst: &NodeId) {
+    if dst.uuid.is_nil() {
+        // An announce to an address whose member is not known yet.
+        buf.put_u8(DST_UNKNOWN);
+    } else {
+        // Whole: the short form (`DST_SHORT`, 7 bytes) made the simulator's clusters of 300
+        // and more fall into a storm of unanswered probes and renewals, not understood yet;
+        // receivers still read it.
+        buf.put_u8(DST_FULL);
+        put_id(buf, dst);
+    }
+}
+
+/// Where a decoded short destination is: no real member has port 0.
+const SHORT_DST_AT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+fn get_dst(buf: &mut impl Buf) -> Result<NodeId, MembershipError> {
+    match get_u8(buf)? {
+        DST_UNKNOWN => Ok(unsent_dst()),
+        DST_SHORT => {
+            let generation = get_u16(buf)?;
+            need(buf, 4)?;
+            let mut u = [0u8; 16];
+            buf.copy_to_slice(&mut u[12..]);
+            Ok(NodeId {
+                generation,
+                // `started_ms` 1 tells it from the unknown destination, whose is 0.
+                ..NodeId::new(SHORT_DST_AT, Uuid::from_bytes(u), 1, Role::Worker)
+            })
+        }
+        DST_FULL => get_id(buf),
+        _ => Err(MembershipError::Decode("bad destination tag")),
+    }
+}
+
+/// Whether a decoded destination names `me`: its short form (generation and the last four
+/// bytes of the UUID) or the whole identity.
+pub fn dst_is(dst: &NodeId, me: &NodeId) -> bool {
+    dst == me
+        || (dst.addr == SHORT_DST_AT
+            && dst.started_ms == 1
+            && dst.generation == me.generation
+            && dst.uuid.as_bytes()[12..] == me.uuid.as_bytes()[12..]
+            && dst.uuid.as_bytes()[..12] == [0u8; 12])
+}
+
+/// The destination a decoded header holds when the packet named none (an announce to an
+/// address whose member is not known yet).
+pub fn unsent_dst() -> NodeId {
+    NodeId::unknown_at(SHORT_DST_AT)
+}
+
+/// The destination as it reads back from the wire: the short form of `dst`.
+pub fn short_dst(dst: &NodeId) -> NodeId {
+    let mut b = Vec::new();
+    put_dst(&mut b, dst);
+    get_dst(&mut &b[..]).unwrap_or_else(|_| unsent_dst())
+}
+
+/// Writes a foca header: the destination in short, or whole (`full_dst`) for foca itself.
+fn put_foca_header(
+    buf: &mut impl BufMut,
+    header: &Header<NodeId>,
+    full_dst: bool,
+) -> Result<(), MembershipError> {
+    let dst_len = if full_dst { 1 + MAX_ID_LEN } else { 7 };
+    if buf.remaining_mut() < 2 * MAX_ID_LEN + 6 + dst_len {
+        return Err(MembershipError::Encode("no room for the header"));
+    }
+    put_id(buf, &header.src);
+    buf.put_u16(header.src_incarnation);
+    if full_dst {
+        buf.put_u8(DST_FULL);
+        put_id(buf, &header.dst);
+    } else {
+        put_dst(buf, &header.dst);
+    }
+    match &header.message {
+        Message::Ping(n) => {
+            buf.put_u8(1);
+            buf.put_u8(*n);
+        }
+        Message::Ack(n) => {
+            buf.put_u8(2);
+            buf.put_u8(*n);
+        }
+        Message::PingReq {
+            target,
+            probe_number,
+        } => {
+            buf.put_u8(3);
+            buf.put_u8(*probe_number);
+            put_id(buf, target);
+        }
+        Message::IndirectPing {
+            origin,
+            probe_number,
+        } => {
+            buf.put_u8(4);
+            buf.put_u8(*probe_number);
+            put_id(buf, origin);
+        }
+        Message::IndirectAck {
+            target,
+            probe_number,
+        } => {
+            buf.put_u8(5);
+            buf.put_u8(*probe_number);
+            put_id(buf, target);
+        }
+        Message::ForwardedAck {
+            origin,
+            probe_number,
+        } => {
+            buf.put_u8(6);
+            buf.put_u8(*probe_number);
+            put_id(buf, origin);
+        }
+        Message::Announce => buf.put_u8(7),
+        Message::Feed => buf.put_u8(8),
+        Message::Gossip => buf.put_u8(9),
+        Message::Broadcast => buf.put_u8(10),
+        Message::TurnUndead => buf.put_u8(11),
+    }
+    Ok(())
+}
+
+/// The foca codec: a compact big-endian encoding of headers and members. A header carries the
+/// sender whole and the destination in short (see [`dst_is`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Codec;
 
@@ -226,66 +402,13 @@ impl foca::Codec<NodeId> for Codec {
         header: &Header<NodeId>,
         mut buf: impl BufMut,
     ) -> Result<(), Self::Error> {
-        if buf.remaining_mut() < 2 * MAX_ID_LEN + 4 + MAX_ID_LEN {
-            return Err(MembershipError::Encode("no room for the header"));
-        }
-        put_id(&mut buf, &header.src);
-        buf.put_u16(header.src_incarnation);
-        put_id(&mut buf, &header.dst);
-        match &header.message {
-            Message::Ping(n) => {
-                buf.put_u8(1);
-                buf.put_u8(*n);
-            }
-            Message::Ack(n) => {
-                buf.put_u8(2);
-                buf.put_u8(*n);
-            }
-            Message::PingReq {
-                target,
-                probe_number,
-            } => {
-                buf.put_u8(3);
-                buf.put_u8(*probe_number);
-                put_id(&mut buf, target);
-            }
-            Message::IndirectPing {
-                origin,
-                probe_number,
-            } => {
-                buf.put_u8(4);
-                buf.put_u8(*probe_number);
-                put_id(&mut buf, origin);
-            }
-            Message::IndirectAck {
-                target,
-                probe_number,
-            } => {
-                buf.put_u8(5);
-                buf.put_u8(*probe_number);
-                put_id(&mut buf, target);
-            }
-            Message::ForwardedAck {
-                origin,
-                probe_number,
-            } => {
-                buf.put_u8(6);
-                buf.put_u8(*probe_number);
-                put_id(&mut buf, origin);
-            }
-            Message::Announce => buf.put_u8(7),
-            Message::Feed => buf.put_u8(8),
-            Message::Gossip => buf.put_u8(9),
-            Message::Broadcast => buf.put_u8(10),
-            Message::TurnUndead => buf.put_u8(11),
-        }
-        Ok(())
+        put_foca_header(&mut buf, header, false)
     }
 
     fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
         let src = get_id(&mut buf)?;
         let src_incarnation = get_u16(&mut buf)?;
-        let dst = get_id(&mut buf)?;
+        let dst = get_dst(&mut buf)?;
         let message = match get_u8(&mut buf)? {
             1 => Message::Ping(get_u8(&mut buf)?),
             2 => Message::Ack(get_u8(&mut buf)?),
@@ -337,7 +460,9 @@ impl foca::Codec<NodeId> for Codec {
         member: &Member<NodeId>,
         mut buf: impl BufMut,
     ) -> Result<(), Self::Error> {
-        if buf.remaining_mut() < MAX_ID_LEN + 3 {
+        // Members stop short of the end by `DST_HEADROOM`, so the receiving engine can hand
+        // foca the packet with its destination whole without passing foca's size limit.
+        if buf.remaining_mut() < MAX_ID_LEN + 3 + DST_HEADROOM {
             return Err(MembershipError::Encode("no room for the member"));
         }
         put_member(&mut buf, member);
@@ -350,7 +475,7 @@ impl foca::Codec<NodeId> for Codec {
 }
 
 /// A member list as issued by the oldest member.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListMsg {
     /// The list version.
     pub ver: u64,
@@ -358,17 +483,21 @@ pub struct ListMsg {
     pub coordinator: Uuid,
     /// The members, oldest first.
     pub members: Vec<NodeId>,
+    /// The zones of the members that reported one, by UUID; each is encoded after its member,
+    /// so zones of UUIDs not in `members` are not sent.
+    pub zones: BTreeMap<Uuid, Zone>,
 }
 
 /// Encodes a whole message of kind [`Kind::List`].
 pub fn encode_list(tag: u64, msg: &ListMsg) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER_LEN + 26 + msg.members.len() * MAX_ID_LEN);
+    let mut buf = Vec::with_capacity(HEADER_LEN + 26 + msg.members.len() * (MAX_ID_LEN + 16));
     put_header(&mut buf, Kind::List, tag);
     buf.put_u64(msg.ver);
     buf.put_slice(msg.coordinator.as_bytes());
     buf.put_u32(msg.members.len() as u32);
     for m in &msg.members {
         put_id(&mut buf, m);
+        put_zone(&mut buf, msg.zones.get(&m.uuid));
     }
     buf
 }
@@ -381,9 +510,14 @@ pub fn decode_list(mut p: &[u8], max_members: usize) -> Result<ListMsg, Membersh
     if n > max_members {
         return Err(MembershipError::Decode("too many members"));
     }
-    let mut members = Vec::with_capacity(n.min(p.len() / 30));
+    let mut members = Vec::with_capacity(n.min(p.len() / 31));
+    let mut zones = BTreeMap::new();
     for _ in 0..n {
-        members.push(get_id(&mut p)?);
+        let id = get_id(&mut p)?;
+        if let Some(z) = get_zone(&mut p)? {
+            zones.insert(id.uuid, z);
+        }
+        members.push(id);
     }
     if p.has_remaining() {
         return Err(MembershipError::Decode("trailing bytes"));
@@ -392,6 +526,7 @@ pub fn decode_list(mut p: &[u8], max_members: usize) -> Result<ListMsg, Membersh
         ver,
         coordinator,
         members,
+        zones,
     })
 }
 
@@ -404,15 +539,18 @@ pub struct PullMsg {
     pub have_ver: u64,
     /// The coordinator that issued what it holds.
     pub have_coordinator: Uuid,
+    /// The asking member's own zone.
+    pub zone: Option<Zone>,
 }
 
 /// Encodes a whole message of kind [`Kind::Pull`].
 pub fn encode_pull(tag: u64, msg: &PullMsg) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_ID_LEN + 24);
+    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_ID_LEN + 24 + MAX_ZONE_LEN);
     put_header(&mut buf, Kind::Pull, tag);
     put_id(&mut buf, &msg.from);
     buf.put_u64(msg.have_ver);
     buf.put_slice(msg.have_coordinator.as_bytes());
+    put_zone(&mut buf, msg.zone.as_ref());
     buf
 }
 
@@ -421,6 +559,7 @@ pub fn decode_pull(mut p: &[u8]) -> Result<PullMsg, MembershipError> {
     let from = get_id(&mut p)?;
     let have_ver = get_u64(&mut p)?;
     let have_coordinator = get_uuid(&mut p)?;
+    let zone = get_zone(&mut p)?;
     if p.has_remaining() {
         return Err(MembershipError::Decode("trailing bytes"));
     }
@@ -428,6 +567,7 @@ pub fn decode_pull(mut p: &[u8]) -> Result<PullMsg, MembershipError> {
         from,
         have_ver,
         have_coordinator,
+        zone,
     })
 }
 
@@ -436,15 +576,20 @@ pub fn decode_pull(mut p: &[u8]) -> Result<PullMsg, MembershipError> {
 pub struct SyncMsg {
     /// The sending member.
     pub from: NodeId,
+    /// The sending member's own zone.
+    pub zone: Option<Zone>,
     /// Everything the sender knows, down members included.
     pub members: Vec<Member<NodeId>>,
 }
 
 /// Encodes a whole sync message of the given kind.
 pub fn encode_sync(tag: u64, kind: Kind, msg: &SyncMsg) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER_LEN + 4 + (msg.members.len() + 1) * (MAX_ID_LEN + 3));
+    let mut buf = Vec::with_capacity(
+        HEADER_LEN + 4 + MAX_ZONE_LEN + (msg.members.len() + 1) * (MAX_ID_LEN + 3),
+    );
     put_header(&mut buf, kind, tag);
     put_id(&mut buf, &msg.from);
+    put_zone(&mut buf, msg.zone.as_ref());
     buf.put_u32(msg.members.len() as u32);
     for m in &msg.members {
         put_member(&mut buf, m);
@@ -455,6 +600,7 @@ pub fn encode_sync(tag: u64, kind: Kind, msg: &SyncMsg) -> Vec<u8> {
 /// Decodes the payload of a sync message.
 pub fn decode_sync(mut p: &[u8], max_members: usize) -> Result<SyncMsg, MembershipError> {
     let from = get_id(&mut p)?;
+    let zone = get_zone(&mut p)?;
     let n = get_u32(&mut p)? as usize;
     if n > max_members {
         return Err(MembershipError::Decode("too many members"));
@@ -466,7 +612,40 @@ pub fn decode_sync(mut p: &[u8], max_members: usize) -> Result<SyncMsg, Membersh
     if p.has_remaining() {
         return Err(MembershipError::Decode("trailing bytes"));
     }
-    Ok(SyncMsg { from, members })
+    Ok(SyncMsg {
+        from,
+        zone,
+        members,
+    })
+}
+
+/// The opening of a periodic sync: who asks, and a digest of its view (see
+/// `Engine::view_digest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestMsg {
+    /// The asking member.
+    pub from: NodeId,
+    /// The digest of its active view, without itself and the member asked.
+    pub digest: u64,
+}
+
+/// Encodes a whole [`Kind::SyncDigest`] message.
+pub fn encode_digest(tag: u64, msg: &DigestMsg) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + MAX_ID_LEN + 8);
+    put_header(&mut buf, Kind::SyncDigest, tag);
+    put_id(&mut buf, &msg.from);
+    buf.put_u64(msg.digest);
+    buf
+}
+
+/// Decodes the payload of a [`Kind::SyncDigest`] message.
+pub fn decode_digest(mut p: &[u8]) -> Result<DigestMsg, MembershipError> {
+    let from = get_id(&mut p)?;
+    let digest = get_u64(&mut p)?;
+    if p.has_remaining() {
+        return Err(MembershipError::Decode("trailing bytes"));
+    }
+    Ok(DigestMsg { from, digest })
 }
 
 /// Encodes a whole [`Kind::Leave`] message.
@@ -558,6 +737,24 @@ pub fn decode_foca(p: &[u8]) -> Result<FocaPacket, MembershipError> {
     })
 }
 
+/// Encodes a foca payload (no envelope) with the destination whole, as the engine hands a
+/// checked packet to foca.
+pub fn encode_foca_for_foca(pkt: &FocaPacket) -> Result<Vec<u8>, MembershipError> {
+    let n = pkt.updates.as_ref().map_or(0, Vec::len);
+    let mut buf = Vec::with_capacity(3 * MAX_ID_LEN + 8 + n * (MAX_ID_LEN + 3) + pkt.tail.len());
+    put_foca_header(&mut buf, &pkt.header, true)?;
+    if let Some(updates) = &pkt.updates {
+        let n = u16::try_from(updates.len())
+            .map_err(|_| MembershipError::Encode("too many updates"))?;
+        buf.put_u16(n);
+        for m in updates {
+            put_member(&mut buf, m);
+        }
+    }
+    buf.extend_from_slice(&pkt.tail);
+    Ok(buf)
+}
+
 /// Encodes a whole [`Kind::Foca`] message, as [`decode_foca`] reads it back.
 pub fn encode_foca(tag: u64, pkt: &FocaPacket) -> Result<Vec<u8>, MembershipError> {
     use foca::Codec as _;
@@ -644,7 +841,13 @@ mod tests {
             let mut buf = Vec::new();
             Codec.encode_header(&h, &mut buf).unwrap();
             let back = Codec.decode_header(&buf[..]).unwrap();
-            assert_eq!(h, back);
+            assert_eq!(
+                Header {
+                    dst: short_dst(&h.dst),
+                    ..h
+                },
+                back
+            );
         }
     }
 
@@ -655,6 +858,7 @@ mod tests {
             ver: 9,
             coordinator: Uuid::from_u128(1),
             members: vec![id(1, false), id(2, true)],
+            zones: [(Uuid::from_u128(2), Zone::new("eu-west-1b").unwrap())].into(),
         };
         let data = encode_list(tag, &list);
         let (kind, p) = split_header(&data, tag).unwrap();
@@ -665,6 +869,7 @@ mod tests {
             from: id(3, false),
             have_ver: 4,
             have_coordinator: Uuid::from_u128(2),
+            zone: Some(Zone::new("us-central1-a").unwrap()),
         };
         let data = encode_pull(tag, &pull);
         let (kind, p) = split_header(&data, tag).unwrap();
@@ -673,6 +878,7 @@ mod tests {
 
         let sync = SyncMsg {
             from: id(1, true),
+            zone: None,
             members: vec![
                 Member::new(id(2, false), 4, State::Suspect),
                 Member::down(id(3, true)),
@@ -688,6 +894,16 @@ mod tests {
         assert_eq!(kind, Kind::Leave);
         assert_eq!(decode_leave(p).unwrap(), id(8, false));
 
+        let dig = DigestMsg {
+            from: id(5, true),
+            digest: 0xdead_beef,
+        };
+        let data = encode_digest(tag, &dig);
+        let (kind, p) = split_header(&data, tag).unwrap();
+        assert_eq!(kind, Kind::SyncDigest);
+        assert_eq!(decode_digest(p).unwrap(), dig);
+        assert!(decode_digest(&p[..p.len() - 1]).is_err());
+
         let sus = SuspectMsg {
             from: id(1, false),
             target: id(2, true),
@@ -700,13 +916,84 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_names_only_its_identity() {
+        let me = id(7, false);
+        let d = short_dst(&me);
+        assert!(dst_is(&d, &me));
+        assert!(dst_is(&me, &me));
+        let renewed = NodeId {
+            generation: me.generation + 1,
+            ..me
+        };
+        assert!(!dst_is(&d, &renewed), "an earlier identity");
+        assert!(!dst_is(&short_dst(&id(8, false)), &me), "another member");
+        assert!(!dst_is(&unsent_dst(), &me));
+        let nil_tail = NodeId {
+            uuid: Uuid::from_u128(1 << 64),
+            ..me
+        };
+        assert!(dst_is(&short_dst(&nil_tail), &nil_tail));
+        assert_ne!(short_dst(&nil_tail), unsent_dst());
+        // Seven bytes instead of a whole identity.
+        let h = Header {
+            src: me,
+            src_incarnation: 0,
+            dst: me,
+            message: Message::Ping(1),
+        };
+        let mut short = Vec::new();
+        Codec.encode_header(&h, &mut short).unwrap();
+        let pkt = FocaPacket {
+            header: h.clone(),
+            updates: None,
+            tail: Vec::new(),
+        };
+        let full = encode_foca_for_foca(&pkt).unwrap();
+        // The destination is sent whole for now: what foca gets is what was sent.
+        assert_eq!(full.len(), short.len());
+        assert_eq!(Codec.decode_header(&full[..]).unwrap(), h);
+    }
+
+    #[test]
+    fn a_full_packet_still_fits_foca_once_its_destination_is_whole() {
+        let limit = 1388;
+        let h = Header {
+            src: id(1, true),
+            src_incarnation: 0,
+            dst: id(2, true),
+            message: Message::Gossip,
+        };
+        // What foca does: a buffer capped at its limit, the header, the count, then members
+        // until the codec says there is no room.
+        let mut buf = Vec::new().limit(limit);
+        Codec.encode_header(&h, &mut buf).unwrap();
+        buf.put_u16(0);
+        let mut updates = Vec::new();
+        for n in 0.. {
+            let m = Member::alive(id(100 + n, true));
+            if Codec.encode_member(&m, &mut buf).is_err() {
+                break;
+            }
+            updates.push(m);
+        }
+        assert!(updates.len() > 20);
+        let pkt = FocaPacket {
+            header: h,
+            updates: Some(updates),
+            tail: Vec::new(),
+        };
+        let full = encode_foca_for_foca(&pkt).unwrap();
+        assert!(full.len() <= limit, "{} > {limit}", full.len());
+    }
+
+    #[test]
     fn foca_packets_round_trip_through_decode_and_encode() {
         let tag = cluster_tag("default", "all");
         let pkt = FocaPacket {
             header: Header {
                 src: id(1, false),
                 src_incarnation: 2,
-                dst: id(2, true),
+                dst: unsent_dst(),
                 message: Message::Gossip,
             },
             updates: Some(vec![
@@ -733,6 +1020,59 @@ mod tests {
     }
 
     #[test]
+    fn a_lying_zone_fails_the_whole_message() {
+        let tag = cluster_tag("default", "all");
+        let pull = PullMsg {
+            from: id(3, false),
+            have_ver: 4,
+            have_coordinator: Uuid::from_u128(2),
+            zone: Some(Zone::new("abc").unwrap()),
+        };
+        let good = encode_pull(tag, &pull);
+        let at = good.len() - 4;
+        assert_eq!(good[at], 3, "the zone's length byte");
+        let with = |len: u8, bytes: &[u8]| {
+            let mut d = good[..at].to_vec();
+            d.push(len);
+            d.extend_from_slice(bytes);
+            d
+        };
+        for (data, why) in [
+            (with(64, &[b'a'; 64]), "zone too long"),
+            (with(255, &[b'a'; 255]), "zone too long"),
+            (with(3, b"a\nb"), "bad zone"),
+            (with(3, b"a\x1bb"), "bad zone"),
+            (with(3, &[b'a', 0xc3, b'b']), "bad zone"),
+            (with(2, b"-a"), "bad zone"),
+            (with(5, b"abc"), "truncated"),
+        ] {
+            let (_, p) = split_header(&data, tag).unwrap();
+            assert_eq!(decode_pull(p), Err(MembershipError::Decode(why)));
+        }
+        // The same rule holds for a list member's zone and a sync sender's.
+        let list = ListMsg {
+            ver: 1,
+            coordinator: Uuid::from_u128(1),
+            members: vec![id(1, false)],
+            zones: [(Uuid::from_u128(1), Zone::new("z").unwrap())].into(),
+        };
+        let mut data = encode_list(tag, &list);
+        *data.last_mut().unwrap() = b'\n';
+        let (_, p) = split_header(&data, tag).unwrap();
+        assert_eq!(decode_list(p, 10), Err(MembershipError::Decode("bad zone")));
+        let sync = SyncMsg {
+            from: id(1, false),
+            zone: Some(Zone::new("z").unwrap()),
+            members: Vec::new(),
+        };
+        let mut data = encode_sync(tag, Kind::SyncRequest, &sync);
+        let z = data.len() - 5;
+        data[z] = 0x80;
+        let (_, p) = split_header(&data, tag).unwrap();
+        assert_eq!(decode_sync(p, 10), Err(MembershipError::Decode("bad zone")));
+    }
+
+    #[test]
     fn another_cluster_name_or_logical_cluster_is_rejected() {
         let data = encode_leave(cluster_tag("prod", "all"), &id(1, false));
         assert!(matches!(
@@ -754,6 +1094,7 @@ mod tests {
                 ver: 1,
                 coordinator: Uuid::from_u128(1),
                 members: vec![id(1, false); 5],
+                zones: BTreeMap::new(),
             },
         );
         for cut in 0..good.len() {
@@ -767,7 +1108,7 @@ mod tests {
             let mut data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
             if rng.random_bool(0.5) && data.len() >= HEADER_LEN {
                 data[..HEADER_LEN].copy_from_slice(&good[..HEADER_LEN]);
-                data[3] = rng.random_range(1..=7);
+                data[3] = rng.random_range(1..=8);
             }
             if let Ok((_, p)) = split_header(&data, tag) {
                 let _ = decode_list(p, 100);
@@ -775,6 +1116,7 @@ mod tests {
                 let _ = decode_sync(p, 100);
                 let _ = decode_leave(p);
                 let _ = decode_suspect(p);
+                let _ = decode_digest(p);
                 let _ = peek_foca(p);
                 let _ = Codec.decode_header(p);
                 let _ = Codec.decode_member(p);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use foca::{Codec as _, Header, Member, Message, State};
 use membership::wire::{self, Codec, Kind, ListMsg, PullMsg, SyncMsg};
-use membership::{Config, Engine, NodeId, Role};
+use membership::{Config, Engine, NodeId, Role, Zone};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -37,6 +37,11 @@ fn node_id() -> impl Strategy<Value = NodeId> {
                 role: if sched { Role::Scheduler } else { Role::Worker },
             },
         )
+}
+
+/// A valid zone: a Kubernetes label value of 1 to 63 bytes.
+fn zone() -> impl Strategy<Value = Zone> {
+    "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?".prop_map(|s| Zone::new(&s).unwrap())
 }
 
 fn member() -> impl Strategy<Value = Member<NodeId>> {
@@ -91,24 +96,31 @@ proptest! {
 
     #[test]
     fn every_message_round_trips(from in node_id(), ids in proptest::collection::vec(node_id(), 0..20),
+                                 zones in proptest::collection::vec(proptest::option::of(zone()), 20),
+                                 own in proptest::option::of(zone()),
                                  members in proptest::collection::vec(member(), 0..20),
                                  ver in any::<u64>(), tag in any::<u64>()) {
-        let list = ListMsg { ver, coordinator: from.uuid, members: ids };
+        let zones = ids.iter().zip(&zones).filter_map(|(m, z)| z.map(|z| (m.uuid, z))).collect();
+        let list = ListMsg { ver, coordinator: from.uuid, members: ids, zones };
         let data = wire::encode_list(tag, &list);
         let (kind, p) = wire::split_header(&data, tag).unwrap();
         prop_assert_eq!(kind, Kind::List);
         prop_assert_eq!(wire::decode_list(p, 20).unwrap(), list);
 
-        let pull = PullMsg { from, have_ver: ver, have_coordinator: from.uuid };
+        let pull = PullMsg { from, have_ver: ver, have_coordinator: from.uuid, zone: own };
         let data = wire::encode_pull(tag, &pull);
         prop_assert_eq!(wire::decode_pull(wire::split_header(&data, tag).unwrap().1).unwrap(), pull);
 
-        let sync = SyncMsg { from, members };
+        let sync = SyncMsg { from, zone: own, members };
         let data = wire::encode_sync(tag, Kind::SyncRequest, &sync);
         prop_assert_eq!(wire::decode_sync(wire::split_header(&data, tag).unwrap().1, 20).unwrap(), sync);
 
         let data = wire::encode_leave(tag, &from);
         prop_assert_eq!(wire::decode_leave(wire::split_header(&data, tag).unwrap().1).unwrap(), from);
+
+        let dig = wire::DigestMsg { from, digest: ver };
+        let data = wire::encode_digest(tag, &dig);
+        prop_assert_eq!(wire::decode_digest(wire::split_header(&data, tag).unwrap().1).unwrap(), dig);
     }
 
     #[test]
@@ -119,7 +131,8 @@ proptest! {
         Codec.encode_header(&h, &mut buf).unwrap();
         Codec.encode_member(&m, &mut buf).unwrap();
         let mut rd = &buf[..];
-        prop_assert_eq!(Codec.decode_header(&mut rd).unwrap(), h);
+        // The destination is not sent: it reads back as the placeholder.
+        prop_assert_eq!(Codec.decode_header(&mut rd).unwrap(), Header { dst: wire::short_dst(&h.dst), ..h });
         prop_assert_eq!(Codec.decode_member(&mut rd).unwrap(), m);
         prop_assert!(rd.is_empty());
     }
@@ -135,25 +148,59 @@ proptest! {
         let (kind, p) = wire::split_header(&data, tag).unwrap();
         prop_assert_eq!(kind, Kind::Foca);
         let back = wire::decode_foca(p).unwrap();
-        // An empty update section reads back as one (foca writes the count either way).
-        prop_assert_eq!(back.header, pkt.header);
-        prop_assert_eq!(back.updates.unwrap_or_default(), pkt.updates.unwrap_or_default());
+        // An empty update section reads back as one (foca writes the count either way). The
+        // destination travels in short.
+        prop_assert_eq!(&back.header, &Header { dst: wire::short_dst(&dst), ..pkt.header.clone() });
+        prop_assert_eq!(back.updates.clone().unwrap_or_default(), pkt.updates.clone().unwrap_or_default());
         prop_assert!(back.tail.is_empty());
+        // What the engine hands foca carries the destination whole.
+        let full = wire::encode_foca_for_foca(&pkt).unwrap();
+        let again = wire::decode_foca(&full).unwrap();
+        prop_assert_eq!(again.header, pkt.header);
+        prop_assert_eq!(again.updates.unwrap_or_default(), pkt.updates.unwrap_or_default());
     }
 
     #[test]
     fn truncated_messages_are_refused(members in proptest::collection::vec(member(), 1..10),
                                       from in node_id(), cut in any::<prop::sample::Index>()) {
         let tag = 42;
-        let data = wire::encode_sync(tag, Kind::SyncResponse, &SyncMsg { from, members });
+        let data = wire::encode_sync(tag, Kind::SyncResponse, &SyncMsg { from, zone: None, members });
         let p = wire::split_header(&data, tag).unwrap().1;
         let cut = cut.index(p.len());
         prop_assert!(wire::decode_sync(&p[..cut], 64).is_err());
     }
 
     #[test]
+    fn any_zone_bytes_decode_to_a_label_value_or_are_refused(from in node_id(), len in any::<u8>(),
+                                                             bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let tag = 5;
+        let mut data = wire::encode_pull(tag, &PullMsg { from, have_ver: 1, have_coordinator: from.uuid, zone: None });
+        data.pop();
+        data.push(len);
+        data.extend_from_slice(&bytes);
+        let p = wire::split_header(&data, tag).unwrap().1;
+        match wire::decode_pull(p) {
+            Ok(msg) => {
+                // Accepted only when the length covers exactly the bytes, which are a valid zone.
+                prop_assert_eq!(usize::from(len), bytes.len());
+                if let Some(z) = msg.zone {
+                    prop_assert!(z.as_bytes() == &bytes[..]);
+                    prop_assert!(z.as_bytes().len() <= Zone::MAX_LEN);
+                    prop_assert!(z.as_str().bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)));
+                } else {
+                    prop_assert_eq!(len, 0);
+                }
+            }
+            Err(_) => {
+                let valid = len > 0 && usize::from(len) == bytes.len() && Zone::from_bytes(&bytes).is_ok();
+                prop_assert!(!valid, "a valid zone was refused");
+            }
+        }
+    }
+
+    #[test]
     fn too_many_members_are_refused_before_allocation(from in node_id(), n in 65u32..u32::MAX) {
-        let mut data = wire::encode_sync(1, Kind::SyncRequest, &SyncMsg { from, members: vec![] });
+        let mut data = wire::encode_sync(1, Kind::SyncRequest, &SyncMsg { from, zone: None, members: vec![] });
         let len = data.len();
         data[len - 4..].copy_from_slice(&n.to_be_bytes());
         prop_assert!(wire::decode_sync(wire::split_header(&data, 1).unwrap().1, 64).is_err());
@@ -161,7 +208,7 @@ proptest! {
 
     #[test]
     fn garbage_never_panics_a_decoder_or_the_engine(body in proptest::collection::vec(any::<u8>(), 0..1500),
-                                                    kind in 0u8..8) {
+                                                    kind in 0u8..10) {
         let tag = 7u64;
         let mut data = Vec::new();
         data.extend_from_slice(&wire::MAGIC);
@@ -173,6 +220,7 @@ proptest! {
         let _ = wire::decode_pull(&body);
         let _ = wire::decode_sync(&body, 64);
         let _ = wire::decode_leave(&body);
+        let _ = wire::decode_digest(&body);
         let _ = wire::decode_foca(&body);
         let _ = Codec.decode_header(&body[..]);
         let _ = Codec.decode_member(&body[..]);
@@ -207,6 +255,7 @@ fn a_claimed_maximal_version_neither_panics_nor_moves_versions() {
                 from,
                 have_ver: u64::MAX,
                 have_coordinator: from.uuid,
+                zone: None,
             },
         ),
         wire::encode_list(
@@ -215,6 +264,7 @@ fn a_claimed_maximal_version_neither_panics_nor_moves_versions() {
                 ver: u64::MAX,
                 coordinator: from.uuid,
                 members: vec![from],
+                zones: Default::default(),
             },
         ),
     ]

@@ -59,6 +59,13 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// Whether an address is IPv6 link-local unicast (`fe80::/10`). Such an address means
+/// something only together with an interface (a scope), which member addresses do not carry,
+/// so it is never chosen as the private IP.
+pub fn is_link_local(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
+
 fn describe(ifaces: &[Iface]) -> String {
     let mut names: Vec<&str> = ifaces.iter().map(|i| i.name.as_str()).collect();
     names.dedup();
@@ -87,13 +94,16 @@ fn describe(ifaces: &[Iface]) -> String {
 /// - With a selector: the lowest interface address inside it. On Linux every address of
 ///   `127.0.0.0/8` answers on `lo`, so a single-host selector such as `127.0.0.21/32` inside a
 ///   loopback network selects that address; this lets several nodes share one host in tests.
+///   IPv6 link-local addresses (`fe80::/10`) are never chosen, even by a selector that covers
+///   them such as `::/0`: peers could not reach them without the interface's scope.
 /// - Without one: the only non-loopback private address, if there is exactly one.
 pub fn choose(selector: Option<IpNetwork>, ifaces: &[Iface]) -> Result<Choice, NodeError> {
     match selector {
         Some(net) => {
-            let mut matches: Vec<(IpAddr, &str)> = ifaces
-                .iter()
-                .filter(|i| net.contains(i.ip))
+            let inside = ifaces.iter().filter(|i| net.contains(i.ip));
+            let link_local: Vec<&Iface> = inside.clone().filter(|i| is_link_local(i.ip)).collect();
+            let mut matches: Vec<(IpAddr, &str)> = inside
+                .filter(|i| !is_link_local(i.ip))
                 .map(|i| (i.ip, i.name.as_str()))
                 .collect();
             let host_prefix = if net.is_ipv4() { 32 } else { 128 };
@@ -107,6 +117,17 @@ pub fn choose(selector: Option<IpNetwork>, ifaces: &[Iface]) -> Result<Choice, N
             }
             matches.sort();
             matches.dedup();
+            if matches.is_empty() && !link_local.is_empty() {
+                let list: Vec<String> = link_local
+                    .iter()
+                    .map(|i| format!("{} on {}", i.ip, i.name))
+                    .collect();
+                return Err(NodeError::Address(format!(
+                    "--private_ip_selector {net} matches only IPv6 link-local addresses ({}), which peers cannot reach without an interface scope; the interfaces are:{}\ngive the interface a global or ULA IPv6 address and set --private_ip_selector (or NODE_PRIVATE_IP_SELECTOR) to a CIDR that holds it, e.g. its /64",
+                    list.join(", "),
+                    describe(ifaces)
+                )));
+            }
             let Some(&(ip, iface)) = matches.first() else {
                 return Err(NodeError::Address(format!(
                     "no interface address is inside --private_ip_selector {net}; the interfaces are:{}\nset --private_ip_selector (or NODE_PRIVATE_IP_SELECTOR) to a CIDR that holds exactly the address peers should use",
@@ -187,6 +208,70 @@ mod tests {
     fn ipv6_selectors_work() {
         let c = choose(Some("fd00::/8".parse().unwrap()), &host()).unwrap();
         assert_eq!(c.ip, "fd12::4".parse::<IpAddr>().unwrap());
+    }
+
+    fn v6_host() -> Vec<Iface> {
+        let i = |name: &str, ip: &str, prefix: u8, loopback: bool| Iface {
+            name: name.into(),
+            ip: ip.parse().unwrap(),
+            prefix,
+            loopback,
+        };
+        vec![
+            i("lo", "::1", 128, true),
+            // Link-local addresses sort before every global one.
+            i("eth0", "fe80::1", 64, false),
+            i("eth0", "2001:2:0:1::5", 64, false),
+            i("eth1", "fe80::2", 64, false),
+            i("eth1", "fd00::7", 64, false),
+        ]
+    }
+
+    #[test]
+    fn ipv6_selectors_pick_a_global_address_and_never_a_link_local_one() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (selector, want, iface) in [
+            ("2001:2::/48", "2001:2:0:1::5", "eth0"),
+            ("2001:2:0:1::5/128", "2001:2:0:1::5", "eth0"),
+            ("fd00::/8", "fd00::7", "eth1"),
+            // These cover the link-local addresses too, which sort before the rest.
+            ("::/0", "::1", "lo"),
+            ("8000::/1", "fd00::7", "eth1"),
+        ] {
+            let c = choose(Some(selector.parse().unwrap()), &v6_host()).unwrap();
+            assert_eq!((c.ip, c.iface.as_str()), (ip(want), iface), "{selector}");
+            assert!(c.skipped.iter().all(|s| !is_link_local(*s)), "{c:?}");
+        }
+        // Without loopback, `::/0` picks the lowest global address.
+        let no_lo: Vec<Iface> = v6_host().into_iter().filter(|i| !i.loopback).collect();
+        let c = choose(Some("::/0".parse().unwrap()), &no_lo).unwrap();
+        assert_eq!(c.ip, ip("2001:2:0:1::5"));
+        assert_eq!(c.iface, "eth0");
+        assert_eq!(c.skipped, vec![ip("fd00::7")]);
+    }
+
+    #[test]
+    fn a_selector_matching_only_link_local_addresses_names_them_and_the_fix() {
+        for selector in ["fe80::/10", "fe80::1/128", "fe00::/7"] {
+            let e = choose(Some(selector.parse().unwrap()), &v6_host())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("--private_ip_selector {selector}")),
+                "{e}"
+            );
+            assert!(e.contains("link-local"), "{e}");
+            assert!(e.contains("fe80::1 on eth0"), "{e}");
+            if selector != "fe80::1/128" {
+                assert!(e.contains("fe80::2 on eth1"), "{e}");
+            }
+            assert!(e.contains("eth0: fe80::1/64, 2001:2:0:1::5/64"), "{e}");
+            assert!(e.contains("global or ULA"), "{e}");
+        }
+        assert!(is_link_local("fe80::1".parse().unwrap()));
+        assert!(is_link_local("febf::1".parse().unwrap()));
+        assert!(!is_link_local("fec0::1".parse().unwrap()));
+        assert!(!is_link_local("169.254.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -56,12 +56,17 @@ pub enum ClusterArg {
 }
 
 impl ClusterArg {
+    /// The logical cluster it names.
+    pub fn logical(self) -> &'static crate::logical::Logical {
+        match self {
+            ClusterArg::Scheduler => &crate::logical::SCHEDULER,
+            ClusterArg::All => &crate::logical::ALL,
+        }
+    }
+
     /// The name the internal API uses.
     pub fn name(self) -> &'static str {
-        match self {
-            ClusterArg::Scheduler => "scheduler",
-            ClusterArg::All => "all",
-        }
+        self.logical().name
     }
 }
 
@@ -190,6 +195,14 @@ fn parse_max_members(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// `--zone`: a Kubernetes label value, as membership checks every zone it carries.
+fn parse_zone(s: &str) -> Result<membership::Zone, String> {
+    membership::Zone::new(s.trim()).map_err(|e| e.to_string())
+}
+
+/// `--private_port` when not given: the internal API; the clusters' ports derive from it.
+pub const DEFAULT_PRIVATE_PORT: u16 = 8081;
+
 /// Every setting of a node. Each flag can also come from `NODE_<FLAG>`.
 #[derive(Debug, Clone, Args)]
 pub struct Flags {
@@ -210,7 +223,7 @@ pub struct Flags {
     pub private_ip_selector: Option<IpNetwork>,
 
     /// Internal API port; the scheduler cluster uses +1000 and the all-instances cluster +2000.
-    #[arg(long = "private_port", env = "NODE_PRIVATE_PORT", default_value = "8081", value_parser = ports::parse_private_port, global = true)]
+    #[arg(long = "private_port", env = "NODE_PRIVATE_PORT", default_value_t = DEFAULT_PRIVATE_PORT, value_parser = ports::parse_private_port, global = true)]
     pub private_port: u16,
 
     /// Client port of schedulers.
@@ -243,6 +256,12 @@ pub struct Flags {
     /// flood of forged identities costs bounded memory. Down members count against twice it.
     #[arg(long = "max_members", env = "NODE_MAX_MEMBERS", default_value = "1024", value_parser = parse_max_members, global = true)]
     pub max_members: usize,
+
+    /// This node's availability zone, shown with it in every member's lists, API and metrics;
+    /// when absent, the platform's (EC2, GCE, the Kubernetes node's label), if it answers
+    /// within 2 s.
+    #[arg(long = "zone", env = "NODE_ZONE", value_parser = parse_zone, global = true)]
+    pub zone: Option<membership::Zone>,
 
     /// File of base64 cluster keys, one per line: the first seals, all open; re-read on SIGHUP.
     /// Without it, cluster traffic is neither authenticated nor encrypted.
@@ -350,5 +369,19 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().flags.min_cluster_size, 1);
         let c = parse(&["--min_cluster_size", "3"]).unwrap();
         assert_eq!(c.flags.min_cluster_size, 3);
+    }
+
+    #[test]
+    fn a_zone_is_checked_like_every_zone_membership_carries() {
+        assert_eq!(parse(&[]).unwrap().flags.zone, None);
+        let c = parse(&["--zone", "europe-west1-b"]).unwrap();
+        assert_eq!(c.flags.zone.unwrap().as_str(), "europe-west1-b");
+        for bad in ["", "-a", "a b", "zone\u{1b}", &"z".repeat(64)] {
+            let e = parse(&[&format!("--zone={bad}")]).unwrap_err().to_string();
+            assert!(
+                e.contains("--zone") && e.contains("invalid zone"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 }

@@ -12,6 +12,12 @@ use tokio::sync::watch;
 /// How often a node that has not reached the size says why it waits.
 pub const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How far each wait explanation pushes systemd's start timeout back (`EXTEND_TIMEOUT_USEC`).
+/// It exceeds [`WAIT_LOG_INTERVAL`], so a `Type=notify` unit stays "activating" for as long as
+/// the node waits, instead of being killed and restarted after `TimeoutStartSec` (90 s by
+/// default) while its peers are still booting.
+pub const START_EXTENSION: Duration = Duration::from_secs(30);
+
 /// Readiness as `/readyz` sees it.
 #[derive(Debug)]
 pub struct Gate {
@@ -75,6 +81,12 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(WAIT_LOG_INTERVAL);
     tick.tick().await;
+    if !gate.formed() {
+        crate::notify::notify(&format!(
+            "EXTEND_TIMEOUT_USEC={}",
+            START_EXTENSION.as_micros()
+        ));
+    }
     loop {
         let now = *size.borrow_and_update();
         gate.observe(now);
@@ -92,12 +104,16 @@ pub async fn run(
         tokio::select! {
             r = size.changed() => if r.is_err() { return },
             _ = tick.tick() => {
+                crate::notify::notify(&format!(
+                    "EXTEND_TIMEOUT_USEC={}",
+                    START_EXTENSION.as_micros()
+                ));
                 let snap = candidates.borrow().clone();
                 let found: Vec<String> = snap
                     .candidates
                     .iter()
                     .take(20)
-                    .map(|c| format!("{}:{}", c.ip, c.port))
+                    .map(|c| std::net::SocketAddr::new(c.ip, c.port).to_string())
                     .collect();
                 tracing::warn!(
                     members = now,

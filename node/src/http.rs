@@ -1,7 +1,7 @@
 //! The HTTP endpoints: the internal API on the private port, health on the public port, and how
 //! both listeners are served so that idle or half-sent connections cannot starve them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,6 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -34,92 +33,10 @@ pub struct ApiState {
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// One member in `GET /v1/members`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MemberJson {
-    /// The member's UUID.
-    pub uuid: String,
-    /// Its gossip address.
-    pub address: String,
-    /// `scheduler` or `worker`.
-    pub role: String,
-    /// `alive`: a list holds only the members its coordinator sees alive; failed and departed
-    /// members are removed from it.
-    pub state: String,
-    /// Whether it is this node.
-    pub this: bool,
-    /// Seconds since this node first saw it in a list.
-    pub age_seconds: f64,
-}
-
-/// One cluster in `GET /v1/members`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClusterJson {
-    /// `scheduler` or `all`.
-    pub cluster: String,
-    /// The gossip port.
-    pub port: u16,
-    /// The member-list version.
-    pub version: u64,
-    /// This node's UUID.
-    pub this: String,
-    /// The members, oldest first.
-    pub members: Vec<MemberJson>,
-    /// Messages dropped, by reason (`auth_failed`, `stale`, `replayed`, `malformed`, ...).
-    pub rejected: BTreeMap<String, u64>,
-}
-
-/// The body of `GET /v1/members`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MembersJson {
-    /// The clusters, scheduler first when present.
-    pub clusters: Vec<ClusterJson>,
-}
-
-/// Builds the body of `GET /v1/members`.
-pub fn members_json(state: &ApiState) -> MembersJson {
-    let now = Instant::now();
-    let clusters = state
-        .clusters
-        .iter()
-        .map(|v| {
-            let v = v.read().unwrap_or_else(|p| p.into_inner());
-            ClusterJson {
-                cluster: v.name.to_owned(),
-                port: v.port,
-                version: v.list.ver,
-                this: v.me.uuid.to_string(),
-                rejected: v
-                    .stats
-                    .rejected
-                    .iter()
-                    .map(|(k, n)| ((*k).to_owned(), *n))
-                    .collect(),
-                members: v
-                    .list
-                    .members
-                    .iter()
-                    .map(|m| MemberJson {
-                        uuid: m.uuid.to_string(),
-                        address: m.addr.to_string(),
-                        role: m.role.to_string(),
-                        state: "alive".to_owned(),
-                        this: m.uuid == v.me.uuid,
-                        age_seconds: v
-                            .first_seen
-                            .iter()
-                            .find(|(u, _)| *u == m.uuid)
-                            .map_or(0.0, |(_, t)| now.duration_since(*t).as_secs_f64()),
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    MembersJson { clusters }
-}
+pub use crate::cluster::view::{ClusterJson, MemberJson, MembersJson};
 
 async fn members(State(state): State<ApiState>) -> Json<MembersJson> {
-    Json(members_json(&state))
+    Json(crate::cluster::view::members_json(&state.clusters))
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {

@@ -1,34 +1,41 @@
-//! The node: parse the configuration, pick the address, start the backend, feed the engines,
-//! serve and log. `main.rs` only parses flags and calls [`run`] or [`discover`].
+//! The node: from bound sockets ([`bind::Bound`]) and the flags, start the backend, feed one
+//! engine per logical cluster, serve and log. `main.rs` parses flags, binds and calls [`run`]
+//! with a shutdown future; tests bind on loopback with ephemeral ports and run whole nodes in
+//! one process.
 
+use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use discovery::{Context, Discover, DiscoveryError, Refresh, Report, Snapshot};
-use keyring::{Keyring, Sealer, SealerConfig};
 use membership::{Engine, NodeId, wire};
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 pub mod addr;
 pub mod backends;
+pub mod bind;
 pub mod cli;
 pub mod cluster;
 pub mod gate;
 pub mod http;
+pub mod key;
 pub mod logging;
+pub mod logical;
 pub mod members;
 pub mod metrics;
 pub mod notify;
 pub mod ports;
+pub mod zone;
 
-use cli::{Flags, RoleArg};
-use ports::Ports;
+pub use bind::{Bound, Listen, private_ip};
+use cli::Flags;
+use cluster::transport::AbortOnDrop;
+use cluster::{Protection, Transport, WireLimits};
+use logical::Role;
 
 /// Why the node could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +61,7 @@ pub enum NodeError {
         /// What the port is for.
         what: &'static str,
         /// The flag that set it.
-        flag: &'static str,
+        flag: String,
     },
     /// Another bind failure.
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -75,181 +82,29 @@ pub enum NodeError {
     Discovery(#[from] DiscoveryError),
 }
 
-fn role(r: RoleArg) -> (membership::Role, discovery::Role) {
-    match r {
-        RoleArg::Scheduler => (membership::Role::Scheduler, discovery::Role::Scheduler),
-        RoleArg::Worker => (membership::Role::Worker, discovery::Role::Worker),
-    }
-}
-
-/// Picks the private IP and logs the choice.
-pub fn private_ip(flags: &Flags) -> Result<IpAddr, NodeError> {
-    let ifaces = addr::system_interfaces()?;
-    let choice = addr::choose(flags.private_ip_selector, &ifaces)?;
-    if !choice.skipped.is_empty() {
-        tracing::info!(
-            chosen = %choice.ip,
-            skipped = ?choice.skipped,
-            "several addresses match --private_ip_selector; using the lowest"
-        );
-    }
-    tracing::info!(ip = %choice.ip, interface = %choice.iface, "private ip chosen");
-    Ok(choice.ip)
-}
-
-async fn bind_tcp(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| bind_error(addr, what, flag, e))
-}
-
-async fn bind_udp(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &'static str,
-) -> Result<UdpSocket, NodeError> {
-    UdpSocket::bind(addr)
-        .await
-        .map_err(|e| bind_error(addr, what, flag, e))
-}
-
-fn bind_error(addr: SocketAddr, what: &'static str, flag: &'static str, e: io::Error) -> NodeError {
-    if e.kind() == io::ErrorKind::AddrInUse {
-        NodeError::PortInUse {
-            ip: addr.ip(),
-            port: addr.port(),
-            what,
-            flag,
-        }
-    } else {
-        NodeError::Bind {
-            addr,
-            what,
-            source: e,
-        }
-    }
-}
-
-fn scheduler_addr(c: &discovery::Candidate) -> Option<SocketAddr> {
-    if c.role == Some(discovery::Role::Worker) {
-        return None;
-    }
-    let port = c.port.checked_add(ports::SCHEDULER_OFFSET)?;
-    Some(SocketAddr::new(c.ip, port))
-}
-
-fn all_addr(c: &discovery::Candidate) -> Option<SocketAddr> {
-    let port = c.port.checked_add(ports::ALL_OFFSET)?;
-    Some(SocketAddr::new(c.ip, port))
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The systemd credential the packaged units load from `/etc/cluster-node/key`.
-pub const KEY_CREDENTIAL: &str = "cluster-key";
-
-/// The key file to use: `--cluster_key_file`, else the `cluster-key` credential systemd passed
-/// in `$CREDENTIALS_DIRECTORY`, when it holds more than blank and `#` comment lines. The units
-/// default it to a comment (`SetCredential=`), so a host without `/etc/cluster-node/key` runs
-/// keyless instead of failing to start.
-pub fn key_path(flags: &Flags) -> Option<PathBuf> {
-    use std::io::Read as _;
-    if let Some(path) = &flags.cluster_key_file {
-        return Some(path.clone());
-    }
-    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
-    let path = PathBuf::from(dir).join(KEY_CREDENTIAL);
-    // Bounded like the keyring's own read; the keyring reads it again and checks it fully.
-    // A credential that cannot be read as text goes to the keyring, which names the problem.
-    let mut file = std::fs::File::open(&path).ok()?;
-    let mut text = String::new();
-    if (&mut file)
-        .take(keyring::MAX_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .is_err()
-    {
-        return Some(path);
-    }
-    text.lines()
-        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        .then_some(path)
-}
-
-/// Reads the key file ([`key_path`]), when there is one: refuses a file others can write, warns
-/// about one they can read. Without a key, warns once that cluster traffic is unauthenticated.
-pub fn load_key(flags: &Flags) -> Result<Option<Arc<Sealer>>, NodeError> {
-    let Some(path) = &key_path(flags) else {
-        tracing::warn!(
-            "no --cluster_key_file (nor a cluster-key credential: /etc/cluster-node/key under \
-             the packaged units): cluster traffic is unauthenticated and unencrypted, so \
-             anyone who reaches the gossip ports can join or forge deaths; create one with \
-             `node keygen > FILE && chmod 600 FILE`"
-        );
-        return Ok(None);
-    };
-    let loaded = Keyring::load(path)?;
-    if let Some(w) = &loaded.permission_warning {
-        tracing::warn!("{w}");
-    }
-    tracing::info!(keys = loaded.ring.len(), path = %path.display(), "cluster key file loaded");
-    Ok(Some(Arc::new(Sealer::new(
-        loaded.ring,
-        SealerConfig::default(),
-    ))))
-}
-
-/// Re-reads the key file on every SIGHUP; a bad file keeps the previous keys.
-fn reload_on_sighup(path: Option<PathBuf>, sealer: Option<Arc<Sealer>>) -> Result<(), NodeError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())
-        .map_err(|e| NodeError::Config(format!("cannot watch SIGHUP: {e}")))?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            let (Some(path), Some(sealer)) = (&path, &sealer) else {
-                tracing::info!("SIGHUP received; no --cluster_key_file to reload");
-                continue;
-            };
-            match Keyring::load(path) {
-                Ok(loaded) => {
-                    if let Some(w) = &loaded.permission_warning {
-                        tracing::warn!("{w}");
-                    }
-                    tracing::info!(
-                        keys = loaded.ring.len(),
-                        path = %path.display(),
-                        "SIGHUP: cluster key file reloaded"
-                    );
-                    sealer.replace(loaded.ring);
-                }
-                Err(e) => tracing::error!("SIGHUP: {e}; keeping the previous keys"),
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Builds the discovery context and the backend, without starting anything.
+/// Builds the discovery context and the backend for a node on `ip:private_port`, without
+/// starting anything.
 pub fn backend(
     flags: &Flags,
+    role: Role,
     ip: IpAddr,
+    private_port: u16,
     node_id: Uuid,
     members: watch::Receiver<usize>,
     seal: Option<Arc<dyn discovery::Seal>>,
 ) -> Result<Arc<dyn Discover>, NodeError> {
     let ctx = Context {
         cluster_name: flags.cluster_name.clone(),
-        role: role(flags.role).1,
+        role: logical::to_discovery(role),
         node_id,
         private_ip: ip,
-        private_port: flags.private_port,
+        private_port,
         selector: flags.private_ip_selector,
         members,
         seal,
@@ -268,14 +123,24 @@ pub async fn members(
     members::select(all, cluster)
 }
 
-/// Runs discovery once, for `node discover`.
+/// Runs one explained discovery round, for `node discover`.
 pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
     backends::check_built(flags.discovery)?;
     let ip = private_ip(flags)?;
     let (_tx, rx) = watch::channel(1);
-    let seal = load_key(flags)?.map(|s| s as Arc<dyn discovery::Seal>);
-    let backend = backend(flags, ip, Uuid::new_v4(), rx, seal)?;
-    match tokio::time::timeout(Duration::from_secs(60), backend.discover()).await {
+    let (sealer, _) = key::load(flags)?;
+    let seal = sealer.map(backends::multicast::context_seal);
+    let role = flags.role.into();
+    let backend = backend(
+        flags,
+        role,
+        ip,
+        flags.private_port,
+        Uuid::new_v4(),
+        rx,
+        seal,
+    )?;
+    match tokio::time::timeout(Duration::from_secs(60), backend.explain()).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(NodeError::Discovery(DiscoveryError::Unreachable {
             backend: backend.name(),
@@ -285,65 +150,54 @@ pub async fn discover(flags: &Flags) -> Result<Report, NodeError> {
     }
 }
 
-/// Runs the node until `shutdown` turns true, then leaves both clusters and returns.
-pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<(), NodeError> {
+/// Tasks that end with the node: aborted when dropped, so a node run in-process leaves
+/// nothing behind once [`run`] returns.
+#[derive(Debug, Default)]
+struct Tasks(Vec<AbortOnDrop>);
+
+impl Tasks {
+    fn spawn(&mut self, f: impl Future<Output = ()> + Send + 'static) {
+        self.add(tokio::spawn(f));
+    }
+
+    fn add(&mut self, handle: tokio::task::JoinHandle<()>) {
+        self.0.push(AbortOnDrop(handle));
+    }
+}
+
+/// Runs the node on `bound` until `shutdown` completes, then leaves every cluster and returns.
+/// The flags give everything but the address, the ports and the role, which `bound` fixed.
+pub async fn run(
+    bound: Bound,
+    flags: Flags,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
     backends::check_built(flags.discovery)?;
-    let ip = private_ip(&flags)?;
-    let ports = Ports::new(flags.private_port, flags.public_port)?;
-    let sealer = load_key(&flags)?;
-    reload_on_sighup(key_path(&flags), sealer.clone())?;
-    let (mrole, _) = role(flags.role);
-    let scheduler = flags.role == RoleArg::Scheduler;
+    let Bound {
+        ip,
+        role,
+        ports,
+        api,
+        clusters,
+        public,
+    } = bound;
+    let mut tasks = Tasks::default();
+    let (sealer, key_file) = key::load(&flags)?;
+    tasks.add(key::reload_on_sighup(key_file, sealer.clone())?);
     let uuid = Uuid::new_v4();
     let started = now_ms();
 
-    // Bind everything first, so a taken port fails start-up with a clear message.
-    let api = bind_tcp(
-        SocketAddr::new(ip, ports.private),
-        "internal API",
-        "--private_port",
-    )
-    .await?;
-    let all_addr_ = SocketAddr::new(ip, ports.all);
-    let all_udp = bind_udp(all_addr_, "all-instances cluster", "--private_port (+2000)").await?;
-    let all_tcp = bind_tcp(all_addr_, "all-instances cluster", "--private_port (+2000)").await?;
-    let sched_socks = if scheduler {
-        let a = SocketAddr::new(ip, ports.scheduler);
-        Some((
-            bind_udp(a, "scheduler cluster", "--private_port (+1000)").await?,
-            bind_tcp(a, "scheduler cluster", "--private_port (+1000)").await?,
-        ))
-    } else {
-        None
-    };
-    let public = if scheduler {
-        let bind_ip = match (flags.public_bind_to_any, ip) {
-            (false, _) => ip,
-            (true, IpAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            (true, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        };
-        Some(
-            bind_tcp(
-                SocketAddr::new(bind_ip, ports.public),
-                "public listener",
-                "--public_port",
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
-
     let (size_tx, size_rx) = watch::channel(1usize);
-    let seal = sealer.clone().map(|s| s as Arc<dyn discovery::Seal>);
+    let seal = sealer.clone().map(backends::multicast::context_seal);
     let gate_size = size_rx.clone();
-    let backend = backend(&flags, ip, uuid, size_rx, seal)?;
+    let backend = backend(&flags, role, ip, ports.private, uuid, size_rx, seal)?;
+    let zone = zone::choose(flags.zone, backend.as_ref(), zone::LOCAL_ZONE_TIMEOUT).await;
     let (cand_tx, cand_rx) = watch::channel(Snapshot::default());
     let discovered = Arc::new(AtomicBool::new(false));
     {
         let mut rx = cand_rx.clone();
         let discovered = discovered.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             while rx.changed().await.is_ok() {
                 if rx.borrow().refreshes > 0 {
                     discovered.store(true, Ordering::Relaxed);
@@ -353,80 +207,54 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
     }
     let gate = Arc::new(gate::Gate::new(flags.min_cluster_size, discovered));
     let (gate_open_tx, gate_open_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(gate::run(
+    tasks.spawn(gate::run(
         gate.clone(),
         gate_size,
         cand_rx.clone(),
         gate_open_tx,
     ));
 
-    let mut cfg = membership::Config::lan();
-    cfg.member_cap = flags.max_members;
-    // Datagrams stay below 1400 bytes on the wire, sealing included: MTU-safe on IPv4 and IPv6.
-    let max_datagram = cfg.max_datagram;
-    let max_members = cfg.max_members;
-    if sealer.is_some() {
-        cfg.max_datagram -= keyring::OVERHEAD;
-    }
-    cfg.swim.max_packet_size = std::num::NonZeroUsize::new(cfg.max_datagram - wire::HEADER_LEN)
-        .expect("max_datagram is far above the header");
-    let protection = |logical: &str| {
-        sealer.clone().map(|sealer| cluster::Protection {
-            sealer,
-            aad: keyring::aad(&flags.cluster_name, logical),
-        })
-    };
+    let (cfg, limits) = WireLimits::engine_config(flags.max_members, sealer.is_some());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let seed: u64 = rand::random();
+    let mut size_tx = Some(size_tx);
     let mut views = Vec::new();
-    let mut tasks = Vec::new();
-    if let Some((udp, tcp)) = sched_socks {
-        let me = NodeId::new(SocketAddr::new(ip, ports.scheduler), uuid, started, mrole);
+    let mut engines = Tasks::default();
+    for (i, c) in clusters.into_iter().enumerate() {
+        let logical = c.logical;
+        let addr = SocketAddr::new(ip, ports.gossip(logical));
+        let me = NodeId::new(addr, uuid, started, role);
         let engine = Engine::new(
             me,
-            wire::cluster_tag(&flags.cluster_name, "scheduler"),
+            wire::cluster_tag(&flags.cluster_name, logical.name),
             cfg.clone(),
-            seed ^ 1,
+            seed ^ i as u64,
             Duration::ZERO,
-        );
+        )
+        .with_zone(zone);
+        let protection = sealer.clone().map(|sealer| Protection {
+            sealer,
+            aad: keyring::aad(&flags.cluster_name, logical.name),
+        });
         let (view, task) = cluster::spawn(cluster::ClusterSpec {
-            name: "scheduler",
+            name: logical.name,
             engine,
-            udp,
-            tcp,
+            udp: c.udp,
+            tcp: c.tcp,
             candidates: cand_rx.clone(),
-            map: scheduler_addr,
-            size_tx: None,
-            shutdown: shutdown.clone(),
-            protection: protection("scheduler"),
-            max_datagram,
-            max_members,
+            map: Box::new(move |c| logical.candidate(c)),
+            // The all-instances cluster's size drives the gate and the backend's pace.
+            size_tx: if *logical == logical::ALL {
+                size_tx.take()
+            } else {
+                None
+            },
+            shutdown: shutdown_rx.clone(),
+            transport: Transport::new(logical.name, protection, limits, ip),
         });
         views.push(view);
-        tasks.push(task);
+        engines.add(task);
     }
-    let me = NodeId::new(all_addr_, uuid, started, mrole);
-    let engine = Engine::new(
-        me,
-        wire::cluster_tag(&flags.cluster_name, "all"),
-        cfg,
-        seed,
-        Duration::ZERO,
-    );
-    let (view, task) = cluster::spawn(cluster::ClusterSpec {
-        name: "all",
-        engine,
-        udp: all_udp,
-        tcp: all_tcp,
-        candidates: cand_rx,
-        map: all_addr,
-        size_tx: Some(size_tx),
-        shutdown: shutdown.clone(),
-        protection: protection("all"),
-        max_datagram,
-        max_members,
-    });
-    views.push(view);
-    tasks.push(task);
 
     // Each HTTP listener's connection cap is sized below the open-file limit.
     let (fd_soft, fd_hard) = http::open_file_limits().unwrap_or((None, None));
@@ -448,35 +276,43 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         listener_stats.push(public_stats.clone());
     }
     metrics.register_collector(Box::new(http::HttpCollector(listener_stats)));
+    metrics.register_collector(Box::new(metrics::BackendCollector(backend.clone())));
     let refresh = Refresh {
         interval: flags.discovery_refresh,
         ..Refresh::default()
     };
-    tokio::spawn(backend.clone().watch(refresh, cand_tx, observer));
+    tasks.spawn(backend.clone().watch(refresh, cand_tx, observer));
 
     let state = http::ApiState {
         clusters: views,
         gate: gate.clone(),
         metrics: Arc::new(metrics),
     };
-    let _internal = http::serve(
+    tasks.add(http::serve(
         api,
         http::private_router(state.clone()),
         limits,
         internal_stats,
-    );
-    let _public = public
-        .map(|listener| http::serve(listener, http::public_router(state), limits, public_stats));
+    ));
+    if let Some(listener) = public {
+        tasks.add(http::serve(
+            listener,
+            http::public_router(state),
+            limits,
+            public_stats,
+        ));
+    }
+    let listening = SocketAddr::new(ip, ports.private);
     tracing::info!(
-        role = %mrole,
+        role = %role,
         uuid = %uuid,
+        zone = zone.as_ref().map_or("none", |z| z.as_str()),
         backend = backend.name(),
-        private = %SocketAddr::new(ip, ports.private),
+        private = %listening,
         "node started"
     );
     // Every listener is bound and served: a Type=notify unit may now count the node as
     // started, at once, or with `--min_cluster_size` once the cluster has that many members.
-    let listening = SocketAddr::new(ip, ports.private);
     if flags.min_cluster_size <= 1 {
         notify::notify(&format!("READY=1\nSTATUS=listening on {listening}"));
     } else {
@@ -484,7 +320,7 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         notify::notify(&format!(
             "STATUS=listening on {listening}; waiting for {min} members (--min_cluster_size)"
         ));
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if gate_open_rx.await.is_ok() {
                 notify::notify(&format!(
                     "READY=1\nSTATUS=listening on {listening}; {min} members reached"
@@ -493,15 +329,13 @@ pub async fn run(flags: Flags, mut shutdown: watch::Receiver<bool>) -> Result<()
         });
     }
 
-    while !*shutdown.borrow() {
-        if shutdown.changed().await.is_err() {
-            break;
-        }
-    }
+    shutdown.await;
     notify::notify("STOPPING=1\nSTATUS=leaving the cluster");
     tracing::info!("leaving the cluster");
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    shutdown_tx.send_replace(true);
+    for t in &mut engines.0 {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut t.0).await;
     }
+    drop(tasks);
     Ok(())
 }

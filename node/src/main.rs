@@ -3,18 +3,19 @@
 use anyhow::Context as _;
 use clap::Parser;
 use node::cli::{Cli, Command};
-use tokio::sync::watch;
 
-async fn shutdown_signal(tx: watch::Sender<bool>) -> anyhow::Result<()> {
+/// Watches SIGTERM and SIGINT; the future completes at the first of them. Registered before
+/// the node starts, so a failure to watch them fails start-up instead of going unnoticed.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    tx.send_replace(true);
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
@@ -29,7 +30,10 @@ fn print_report(report: &discovery::Report, json: bool) -> anyhow::Result<()> {
     for c in &report.candidates {
         let id = esc(c.id.as_deref().unwrap_or("-"));
         let role = c.role.map(|r| r.to_string()).unwrap_or_default();
-        println!("  {:<40} {id} {role}", format!("{}:{}", c.ip, c.port));
+        let zone = esc(c.zone.as_deref().unwrap_or_default());
+        let addr = std::net::SocketAddr::new(c.ip, c.port).to_string();
+        let line = format!("  {addr:<40} {id} {role} {zone}");
+        println!("{}", line.trim_end());
     }
     println!("excluded ({}):", report.excluded.len());
     for x in &report.excluded {
@@ -87,13 +91,11 @@ fn run() -> anyhow::Result<()> {
                 Ok(())
             }
             Some(Command::Run) | None => {
-                let (tx, rx) = watch::channel(false);
-                tokio::spawn(async move {
-                    if let Err(e) = shutdown_signal(tx).await {
-                        tracing::error!("{e:#}");
-                    }
-                });
-                node::run(cli.flags, rx).await?;
+                node::backends::check_built(cli.flags.discovery).map_err(node::NodeError::from)?;
+                let shutdown = shutdown_signal()?;
+                // Bind everything first, so a taken port fails start-up with a clear message.
+                let bound = node::Bound::bind(&cli.flags).await?;
+                node::run(bound, cli.flags, shutdown).await?;
                 Ok(())
             }
         }

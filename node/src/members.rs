@@ -46,6 +46,16 @@ pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<MembersJson, N
 
 /// One HTTP/1.1 GET; returns the body of a 200 answer.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
+    let (code, body) = request(addr, path).await?;
+    if code != 200 {
+        return Err(format!("the node answered {code}"));
+    }
+    Ok(body)
+}
+
+/// One HTTP/1.1 GET, `Connection: close`; returns the status and the body, whatever the
+/// status (`/readyz` answers 503 until the node is ready).
+pub async fn request(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
@@ -62,11 +72,24 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>, String> {
     if raw.len() > MAX_ANSWER {
         return Err(too_large());
     }
-    parse_response(&raw)
+    parse_status(&raw)
+}
+
+/// Splits an HTTP/1.1 response into its body, which must come with status 200; decodes a
+/// chunked body.
+pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let status = raw.split(|&b| b == b'\r').next().unwrap_or_default();
+    match parse_status(raw)? {
+        (200, body) => Ok(body),
+        _ => Err(format!(
+            "the node answered {:?}",
+            String::from_utf8_lossy(status)
+        )),
+    }
 }
 
 /// Splits an HTTP/1.1 response into its status and body; decodes a chunked body.
-pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
+pub fn parse_status(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -76,12 +99,10 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     let code = status.split(' ').nth(1).unwrap_or_default();
-    if !status.starts_with("HTTP/1.") || code.len() != 3 {
-        return Err(format!("not an HTTP answer: {status:?}"));
-    }
-    if code != "200" {
-        return Err(format!("the node answered {status:?}"));
-    }
+    let code: u16 = match code.parse() {
+        Ok(c) if status.starts_with("HTTP/1.") && code.len() == 3 => c,
+        _ => return Err(format!("not an HTTP answer: {status:?}")),
+    };
     let chunked = lines.any(|l| {
         l.split_once(':').is_some_and(|(k, v)| {
             k.trim().eq_ignore_ascii_case("transfer-encoding")
@@ -92,7 +113,7 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
         if body.len() > MAX_BODY {
             return Err(too_large());
         }
-        return Ok(body.to_vec());
+        return Ok((code, body.to_vec()));
     }
     let mut out = Vec::new();
     let mut rest = body;
@@ -117,7 +138,7 @@ pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
         let size = usize::from_str_radix(size_txt, 16).map_err(|_| "bad chunk size")?;
         rest = &rest[eol + 2..];
         if size == 0 {
-            return Ok(out);
+            return Ok((code, out));
         }
         if size > MAX_BODY - out.len() {
             return Err(too_large());
@@ -159,7 +180,7 @@ fn age(secs: f64) -> String {
 }
 
 /// The text `node members` prints: per cluster a header with the version, then one line per
-/// member (address, UUID, role, state, age), oldest first, like `serf members`. Every string
+/// member (address, UUID, role, zone, state, age), oldest first, like `serf members`. Every string
 /// came over the network, so each is escaped: none can forge a line or a terminal sequence.
 pub fn render(m: &MembersJson) -> String {
     use discovery::escape_untrusted as esc;
@@ -175,17 +196,18 @@ pub fn render(m: &MembersJson) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<24} {:<36}  {:<9} {:<6} {:>7}",
-            "ADDRESS", "UUID", "ROLE", "STATE", "AGE"
+            "  {:<24} {:<36}  {:<9} {:<16} {:<6} {:>7}",
+            "ADDRESS", "UUID", "ROLE", "ZONE", "STATE", "AGE"
         );
         for x in &c.members {
             let this = if x.this { "  this" } else { "" };
             let _ = writeln!(
                 out,
-                "  {:<24} {:<36}  {:<9} {:<6} {:>7}{this}",
+                "  {:<24} {:<36}  {:<9} {:<16} {:<6} {:>7}{this}",
                 esc(&x.address),
                 esc(&x.uuid),
                 esc(&x.role),
+                esc(x.zone.as_deref().unwrap_or("-")),
                 esc(&x.state),
                 age(x.age_seconds)
             );
@@ -275,6 +297,29 @@ mod tests {
             text.contains(r"all\n\tMember [10.0.0.9]") && text.contains(r"u1\u{1b}[2J"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_table_shows_each_members_role_and_zone() {
+        let body = r#"{"clusters":[{"cluster":"all","port":10081,"version":2,"this":"u1",
+            "rejected":{},"members":[
+            {"uuid":"u1","address":"10.0.0.1:10081","role":"scheduler","zone":"eu-west-1a",
+             "state":"alive","this":true,"age_seconds":5.0},
+            {"uuid":"u2","address":"10.0.0.2:10081","role":"worker","zone":"eu-west-1b\u001b[2J",
+             "state":"alive","this":false,"age_seconds":65.0},
+            {"uuid":"u3","address":"10.0.0.3:10081","role":"worker",
+             "state":"alive","this":false,"age_seconds":1.0}]}]}"#;
+        let m: MembersJson = serde_json::from_str(body).unwrap();
+        let text = render(&m);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let cells = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(cells(lines[1])[2..4], ["ROLE", "ZONE"]);
+        assert_eq!(cells(lines[2])[2..4], ["scheduler", "eu-west-1a"]);
+        // A zone that came over the network is escaped; a member without one shows `-`.
+        assert_eq!(cells(lines[3])[2..4], ["worker", r"eu-west-1b\u{1b}[2J"]);
+        assert_eq!(cells(lines[4])[2..4], ["worker", "-"]);
+        assert!(!text.contains('\x1b'), "{text:?}");
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! loop does no metrics work. Discovery metrics are updated by the refresh loop through
 //! [`DiscoveryMetrics`], the node's [`RefreshObserver`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use discovery::{DiscoveryError, RefreshObserver};
+use discovery::{Discover, DiscoveryError, RefreshObserver};
 use membership::PROBE_RTT_BOUNDS;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -118,6 +119,21 @@ impl Collector for ClusterCollector {
             "Members in the list this node holds.",
             &as_i64(rows(&|v| v.list.members.len() as u64)),
         )?;
+        {
+            let g = ConstGauge::new(0i64);
+            let mut m = enc.encode_descriptor(
+                "node_cluster_zone_members",
+                "Members in the list this node holds, by role and zone (empty: none reported).",
+                None,
+                g.metric_type(),
+            )?;
+            for v in &views {
+                for ((role, zone), n) in members_by_role_zone(&v.list) {
+                    let labels = [("cluster", v.name), ("role", role), ("zone", zone.as_str())];
+                    ConstGauge::new(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         gauge(
             &mut enc,
             "node_cluster_list_version",
@@ -247,6 +263,64 @@ impl Collector for ClusterCollector {
     }
 }
 
+/// The discovery backend's own counters ([`Discover::counters`]), read at every scrape; each
+/// becomes a counter `<name>_total`.
+pub struct BackendCollector(pub std::sync::Arc<dyn Discover>);
+
+impl std::fmt::Debug for BackendCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BackendCollector")
+            .field(&self.0.name())
+            .finish()
+    }
+}
+
+impl Collector for BackendCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for c in self.0.counters() {
+            let counter = ConstCounter::new(c.value);
+            let m = enc.encode_descriptor(c.name, c.help, None, counter.metric_type())?;
+            counter.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// The most distinct zones one cluster's members are counted under; the members of any
+/// further zone are counted under [`OTHER_ZONES`]. Zones come from peers, so this bounds
+/// the series a cluster of liars can create, beyond the member cap.
+pub const MAX_ZONES: usize = 32;
+
+/// The zone label of members beyond [`MAX_ZONES`] zones: not a valid zone (it starts with
+/// `_`), so it never names a real one.
+pub const OTHER_ZONES: &str = "_other";
+
+/// Counts a list's members by role and zone, with at most [`MAX_ZONES`] zones (the most
+/// populous first; ties by name) and the rest under [`OTHER_ZONES`].
+fn members_by_role_zone(list: &membership::MemberList) -> BTreeMap<(&'static str, String), i64> {
+    let zone_of =
+        |m: &membership::NodeId| list.zone(m.uuid).map(|z| z.to_string()).unwrap_or_default();
+    let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &list.members {
+        *per_zone.entry(zone_of(m)).or_default() += 1;
+    }
+    let mut ranked: Vec<(String, usize)> = per_zone.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let kept: BTreeSet<String> = ranked.into_iter().take(MAX_ZONES).map(|(z, _)| z).collect();
+    let mut out = BTreeMap::new();
+    for m in &list.members {
+        let z = zone_of(m);
+        let z = if kept.contains(&z) {
+            z
+        } else {
+            OTHER_ZONES.to_owned()
+        };
+        *out.entry((crate::logical::role_name(m.role), z))
+            .or_default() += 1;
+    }
+    out
+}
+
 /// Every metric of a node.
 #[derive(Debug)]
 pub struct Metrics {
@@ -324,5 +398,100 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// A backend with one counter of its own.
+    struct Counting;
+
+    impl Discover for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn discover(&self) -> discovery::BoxFuture<'_, Result<discovery::Report, DiscoveryError>> {
+            Box::pin(async { Ok(discovery::Report::default()) })
+        }
+
+        fn counters(&self) -> Vec<discovery::Counter> {
+            vec![discovery::Counter {
+                name: "node_discovery_test_dropped",
+                help: "Announcements dropped.",
+                value: 7,
+            }]
+        }
+    }
+
+    #[test]
+    fn backend_counters_are_scraped_as_counters() {
+        let (mut m, _) = Metrics::new(Vec::new());
+        m.register_collector(Box::new(BackendCollector(std::sync::Arc::new(Counting))));
+        let text = m.render();
+        for line in [
+            "# TYPE node_discovery_test_dropped counter",
+            "# HELP node_discovery_test_dropped Announcements dropped.",
+            "node_discovery_test_dropped_total 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    fn list(zones: &[Option<&str>]) -> membership::MemberList {
+        let members: Vec<membership::NodeId> = zones
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                membership::NodeId::new(
+                    std::net::SocketAddr::from(([10, 0, 0, 1], 10_000 + i as u16)),
+                    uuid::Uuid::from_u128(i as u128 + 1),
+                    i as u64,
+                    if i == 0 {
+                        membership::Role::Scheduler
+                    } else {
+                        membership::Role::Worker
+                    },
+                )
+            })
+            .collect();
+        membership::MemberList {
+            ver: 7,
+            coordinator: members[0].uuid,
+            zones: members
+                .iter()
+                .zip(zones)
+                .filter_map(|(m, z)| Some((m.uuid, membership::Zone::new((*z)?).unwrap())))
+                .collect(),
+            members,
+        }
+    }
+
+    #[test]
+    fn members_are_counted_by_cluster_role_and_zone() {
+        let l = list(&[Some("a-1"), Some("a-1"), Some("b-2"), None]);
+        let me = l.members[0];
+        let view = crate::cluster::ClusterView::shared("all", me, l);
+        let (m, _) = Metrics::new(vec![view]);
+        let text = m.render();
+        for line in [
+            "node_cluster_zone_members{cluster=\"all\",role=\"scheduler\",zone=\"a-1\"} 1",
+            "node_cluster_zone_members{cluster=\"all\",role=\"worker\",zone=\"a-1\"} 1",
+            "node_cluster_zone_members{cluster=\"all\",role=\"worker\",zone=\"b-2\"} 1",
+            "node_cluster_zone_members{cluster=\"all\",role=\"worker\",zone=\"\"} 1",
+            "node_cluster_members{cluster=\"all\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_zones_makes_a_bounded_number_of_series() {
+        let names: Vec<String> = (0..500).map(|i| format!("z{i}")).collect();
+        let mut zones: Vec<Option<&str>> = names.iter().map(|z| Some(z.as_str())).collect();
+        // The real zone holds most members, so it keeps its own series.
+        zones.extend(std::iter::repeat_n(Some("real-1"), 10));
+        let counts = members_by_role_zone(&list(&zones));
+        let distinct: BTreeSet<&str> = counts.keys().map(|(_, z)| z.as_str()).collect();
+        assert!(distinct.len() <= MAX_ZONES + 1, "{}", distinct.len());
+        assert!(distinct.contains("real-1") && distinct.contains(OTHER_ZONES));
+        assert_eq!(counts.values().sum::<i64>(), 510);
     }
 }

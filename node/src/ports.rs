@@ -1,37 +1,46 @@
-//! The ports a node uses, all derived from `--private_port`.
+//! The ports a node uses, all derived from `--private_port` by the offsets of the logical
+//! clusters ([`crate::logical::CLUSTERS`]).
 
 use crate::NodeError;
+use crate::logical::{CLUSTERS, Logical};
 
-/// Offset of the scheduler-only cluster from `--private_port`.
-pub const SCHEDULER_OFFSET: u16 = 1000;
-/// Offset of the all-instances cluster from `--private_port`.
-pub const ALL_OFFSET: u16 = 2000;
+/// The largest offset of any logical cluster: `--private_port` may be at most this below 65535.
+const MAX_OFFSET: u16 = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < CLUSTERS.len() {
+        if CLUSTERS[i].offset > max {
+            max = CLUSTERS[i].offset;
+        }
+        i += 1;
+    }
+    max
+};
 
 /// The node's ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ports {
     /// The internal HTTP API.
     pub private: u16,
-    /// Gossip of the scheduler cluster.
-    pub scheduler: u16,
-    /// Gossip of the all-instances cluster.
-    pub all: u16,
     /// The public listener of schedulers.
     pub public: u16,
 }
 
-/// Parses and checks `--private_port`, so that the message names all three ports.
+/// Parses and checks `--private_port`, so that the message names every port derived from it.
 pub fn parse_private_port(s: &str) -> Result<u16, String> {
     let n: u64 = s
         .trim()
         .parse()
         .map_err(|_| format!("`{s}` is not a port number"))?;
-    let max = u64::from(u16::MAX - ALL_OFFSET);
+    let max = u64::from(u16::MAX - MAX_OFFSET);
     if n == 0 || n > max {
+        let derived: Vec<String> = CLUSTERS
+            .iter()
+            .map(|l| format!("{} (+{}, {})", n + u64::from(l.offset), l.offset, l.what))
+            .collect();
         return Err(format!(
-            "{n} cannot be used: the node listens on {n} (internal API), {} (+1000, scheduler cluster) and {} (+2000, all-instances cluster), and ports end at 65535; choose a --private_port from 1 to {max}",
-            n + 1000,
-            n + 2000
+            "{n} cannot be used: the node listens on {n} (internal API) and {}, and ports end at 65535; choose a --private_port from 1 to {max}",
+            derived.join(" and ")
         ));
     }
     Ok(n as u16)
@@ -50,23 +59,32 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 impl Ports {
-    /// Derives every port; the flags were already range-checked by their parsers.
+    /// Derives every port; the flags were already range-checked by their parsers. A
+    /// `private` of 0 (an ephemeral port, for tests) is checked once the port is known.
     pub fn new(private: u16, public: u16) -> Result<Self, NodeError> {
-        let all = private.checked_add(ALL_OFFSET).ok_or_else(|| {
-            NodeError::Config(parse_private_port(&private.to_string()).unwrap_err())
-        })?;
-        Ok(Self {
-            private,
-            scheduler: private + SCHEDULER_OFFSET,
-            all,
-            public,
-        })
+        if private.checked_add(MAX_OFFSET).is_none() {
+            return Err(NodeError::Config(
+                parse_private_port(&private.to_string()).unwrap_err(),
+            ));
+        }
+        Ok(Self { private, public })
+    }
+
+    /// The gossip port of `cluster`.
+    pub fn gossip(&self, cluster: &Logical) -> u16 {
+        self.private + cluster.offset
+    }
+
+    /// The flag that sets the gossip port of `cluster`, for bind errors.
+    pub fn flag(cluster: &Logical) -> String {
+        format!("--private_port (+{})", cluster.offset)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logical::{ALL, SCHEDULER};
 
     #[test]
     fn a_port_whose_plus_2000_overflows_names_all_three_ports() {
@@ -75,6 +93,7 @@ mod tests {
             e.contains("64000") && e.contains("65000") && e.contains("66000"),
             "{e}"
         );
+        assert!(e.contains("all-instances cluster"), "{e}");
         assert!(e.contains("1 to 63535"), "{e}");
         assert!(parse_private_port("70000").unwrap_err().contains("72000"));
         assert!(parse_private_port("0").is_err());
@@ -90,9 +109,10 @@ mod tests {
     fn cluster_ports_are_derived() {
         let p = Ports::new(8081, 8080).unwrap();
         assert_eq!(
-            (p.private, p.scheduler, p.all, p.public),
+            (p.private, p.gossip(&SCHEDULER), p.gossip(&ALL), p.public),
             (8081, 9081, 10081, 8080)
         );
+        assert_eq!(Ports::flag(&ALL), "--private_port (+2000)");
         assert!(Ports::new(64000, 8080).is_err());
     }
 

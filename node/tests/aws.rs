@@ -2,19 +2,20 @@
 //! private IPs of instances seeded in LocalStack form both clusters with `--discovery=aws`,
 //! and a stopped instance's node is never a candidate.
 //!
+//! A second test measures how fast three nodes among 1,106 tagged instances converge: EC2's
+//! pages are published as they arrive, so a node joins its first peers after one page.
+//!
 //! LocalStack stays on loopback (started by `cargo xtask test`, URL in `LOCALSTACK_ENDPOINT`);
-//! the test relays the bridge's own address to it, so the hosts reach it through the bridge.
+//! the `aws-fake` proxy listens on the bridge's own address in front of it, so the hosts reach
+//! it through the bridge.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use aws_fake::FaultProxy;
+use aws_fake::seed::Seed;
 use testbed::{ProcId, Testbed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_node");
@@ -32,61 +33,10 @@ fn localstack() -> SocketAddr {
         .expect("LOCALSTACK_ENDPOINT must be http://ip:port")
 }
 
-/// Forwards TCP connections from the bridge address to LocalStack until dropped.
-struct Relay {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn start(bind: Ipv4Addr, upstream: SocketAddr) -> Relay {
-        let listener = TcpListener::bind((bind, 0)).expect("bind the relay on the bridge");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let addr = listener.local_addr().expect("addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((down, _)) => {
-                        let _ = down.set_nonblocking(false);
-                        if let Ok(up) =
-                            TcpStream::connect_timeout(&upstream, Duration::from_secs(3))
-                        {
-                            pipe(down, up);
-                        }
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Relay { addr, stop }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Copies both directions until either side closes; reads time out so threads never hang.
-fn pipe(a: TcpStream, b: TcpStream) {
-    for (mut from, mut to) in [
-        (a.try_clone().expect("clone"), b.try_clone().expect("clone")),
-        (b, a),
-    ] {
-        let _ = from.set_read_timeout(Some(Duration::from_secs(120)));
-        thread::spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 || to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = to.shutdown(std::net::Shutdown::Both);
-        });
-    }
+/// LocalStack behind an `aws-fake` proxy on the bridge's address, which the hosts reach.
+fn relay(bed: &Testbed, ls: SocketAddr) -> FaultProxy {
+    FaultProxy::start_on(bed.bridge_ip().into(), &format!("http://{ls}"))
+        .expect("start the proxy on the bridge")
 }
 
 /// The /16 that holds the bed's subnet, as the VPC CIDR.
@@ -95,80 +45,30 @@ fn vpc_cidr(bed: &Testbed) -> String {
     format!("{}.{}.0.0/16", o[0], o[1])
 }
 
+/// Seeds one instance per host at its address, tagged `cluster=tag`, and stops the last one.
 async fn seed(bed: &Testbed, tag: &str, ep: SocketAddr) -> Vec<String> {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(REGION))
-        .endpoint_url(format!("http://{ep}"))
-        .load()
-        .await;
-    let ec2 = Client::new(&conf);
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block(vpc_cidr(bed))
-        .send()
-        .await
-        .expect("create vpc");
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(vpc.vpc().and_then(|v| v.vpc_id()).expect("vpc id"))
-        .cidr_block(bed.cidr())
-        .send()
-        .await
-        .expect("create subnet");
-    let subnet = subnet.subnet().and_then(|s| s.subnet_id()).expect("subnet");
+    let seed = Seed::new(&format!("http://{ep}"), REGION, &vpc_cidr(bed)).await;
+    let subnet = seed.subnet(&bed.cidr()).await;
     let mut ids = Vec::new();
     for h in bed.hosts() {
-        let out = ec2
-            .run_instances()
-            .image_id("ami-df5de72bdb3b")
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(subnet)
-            .private_ip_address(h.ip.to_string())
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .tags(Tag::builder().key("cluster").value(tag).build())
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("run instance");
-        ids.push(out.instances()[0].instance_id().expect("id").to_owned());
+        ids.push(
+            seed.instance(&subnet, &h.ip.to_string(), &[("cluster", tag)])
+                .await,
+        );
     }
-    // The last host's instance is stopped.
-    let last = ids.last().expect("ids").clone();
-    ec2.stop_instances()
-        .instance_ids(&last)
-        .send()
-        .await
-        .expect("stop");
-    for _ in 0..100 {
-        let out = ec2
-            .describe_instances()
-            .instance_ids(&last)
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("stopped")
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("describe");
-        if !out.reservations().is_empty() {
-            return ids;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the instance {last} did not stop within 10 s");
+    seed.stop(&ids[ids.len() - 1..]).await;
+    ids
 }
 
 fn aws_node(role: &str, tag: &str, endpoint: &str, cidr: &str) -> Command {
+    aws_node_in(REGION, role, tag, endpoint, cidr)
+}
+
+fn aws_node_in(region: &str, role: &str, tag: &str, endpoint: &str, cidr: &str) -> Command {
     let mut c = Command::new(BIN);
     c.args(["--role", role, "--discovery", "aws"])
         .args(["--aws_tags", &format!("cluster={tag}")])
-        .args(["--aws_endpoint", endpoint, "--aws_region", REGION])
+        .args(["--aws_endpoint", endpoint, "--aws_region", region])
         .args(["--private_ip_selector", cidr, "--discovery_refresh", "1s"])
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -182,8 +82,8 @@ fn nodes_on_tagged_instances_form_both_clusters_and_a_stopped_instance_is_never_
     testbed::check_prerequisites().expect("the test bed needs root and iproute2");
     let ls = localstack();
     let mut bed = Testbed::new(4).expect("test bed");
-    let relay = Relay::start(bed.bridge_ip(), ls);
-    let endpoint = format!("http://{}", relay.addr);
+    let relay = relay(&bed, ls);
+    let endpoint = relay.url();
     let cidr = bed.cidr();
     let tag = format!("e2e-{}", std::process::id());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -294,6 +194,94 @@ fn nodes_on_tagged_instances_form_both_clusters_and_a_stopped_instance_is_never_
         },
     )
     .expect("the stopped instance's node is never joined");
+    drop(bed);
+    drop(relay);
+}
+
+/// Three workers whose instances are on the first page of 1,106 tagged instances; the other
+/// 1,103 are in a subnet outside `--private_ip_selector`, so they are counted in every page
+/// but excluded, as instances of the fleet that run no node. LocalStack pages count
+/// reservations, so each filler is a reservation of its own; the region is this test's alone.
+#[test]
+fn three_nodes_among_1106_tagged_instances_converge() {
+    testbed::check_prerequisites().expect("the test bed needs root and iproute2");
+    const FILLERS: usize = 1103;
+    let region = "sa-east-1";
+    let ls = localstack();
+    let mut bed = Testbed::new(3).expect("test bed");
+    let relay = relay(&bed, ls);
+    let endpoint = relay.url();
+    let cidr = bed.cidr();
+    let tag = format!("pages-{}", std::process::id());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    rt.block_on(async {
+        let seed = Seed::new(&format!("http://{ls}"), region, &vpc_cidr(&bed)).await;
+        let nodes = seed.subnet(&bed.cidr()).await;
+        // A /20 of the /16 away from the bed's /22.
+        let o = bed.bridge_ip().octets();
+        let third = if o[2] < 128 { 128 } else { 0 };
+        let fillers = seed
+            .subnet(&format!("{}.{}.{third}.0/20", o[0], o[1]))
+            .await;
+        for h in bed.hosts() {
+            let pairs = [("cluster", tag.as_str()), ("role", "worker")];
+            seed.instance(&nodes, &h.ip.to_string(), &pairs).await;
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(16));
+        let mut tasks = Vec::new();
+        for _ in 0..FILLERS {
+            let (seed, fillers, tag, sem) =
+                (seed.clone(), fillers.clone(), tag.clone(), sem.clone());
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire().await.expect("semaphore");
+                seed.many(&fillers, 1, &[("cluster", &tag)]).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.expect("seed task").len(), 1);
+        }
+    });
+    eprintln!(
+        "seeded {} tagged instances in {:?}",
+        FILLERS + 3,
+        started.elapsed()
+    );
+
+    let spawned = Instant::now();
+    let procs: Vec<ProcId> = (0..3)
+        .map(|i| {
+            let c = aws_node_in(region, "worker", &tag, &endpoint, &cidr);
+            bed.spawn(i, &format!("worker-{i}"), c).expect("spawn")
+        })
+        .collect();
+    let took = bed
+        .wait_for(Duration::from_secs(240), "three nodes converged", |logs| {
+            procs
+                .iter()
+                .all(|&p| logs.last(p, 10081).is_some_and(|l| l.size == 3))
+        })
+        .expect("the three nodes converge");
+    // When each DescribeInstances call arrived: a second-page call is the end of a first page.
+    let calls: Vec<String> = relay
+        .seen()
+        .iter()
+        .map(|s| {
+            let page = if s.body.contains("NextToken=") { 2 } else { 1 };
+            format!(
+                "p{page}@{:.1}s",
+                s.at.saturating_duration_since(spawned).as_secs_f64()
+            )
+        })
+        .collect();
+    eprintln!(
+        "three nodes among {} tagged instances converged in {took:?}; DescribeInstances calls: {}",
+        FILLERS + 3,
+        calls.join(" ")
+    );
     drop(bed);
     drop(relay);
 }

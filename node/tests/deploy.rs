@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+mod common;
+use common::BIN;
 
 fn have_systemd_analyze() -> bool {
     Command::new("systemd-analyze")

@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 use testbed::image::{self, ImageBed};
 use testbed::{LoggedList, parse_logged_lists};
 
-/// The gossip port of the all-instances cluster (default private port 8081 + 2000).
-const ALL: u16 = 10081;
-/// The gossip port of the scheduler cluster (8081 + 1000).
-const SCHEDULERS: u16 = 9081;
+mod common;
+
+/// The gossip port of the all-instances cluster (the default private port + 2000).
+const ALL: u16 = common::ALL_PORT;
+/// The gossip port of the scheduler cluster (the default private port + 1000).
+const SCHEDULERS: u16 = common::SCHEDULER_PORT;
 const ROLES: [&str; 3] = ["scheduler", "worker", "worker"];
 
 fn is_root() -> bool {
@@ -270,18 +272,53 @@ fn the_package_runs_under_systemd_on_booted_images() {
         c.sh(
             vm,
             &format!(
-                "printf 'NODE_STATIC_MEMBERS={}\\nNODE_PRIVATE_IP_SELECTOR={cidr}\\n' >> /etc/default/cluster-node",
+                "printf 'NODE_STATIC_MEMBERS={}\\nNODE_PRIVATE_IP_SELECTOR={cidr}\\nNODE_MIN_CLUSTER_SIZE=3\\n' >> /etc/default/cluster-node",
                 members.join(",")
             ),
         );
     }
+    // The start-up gate under systemd: vm0 starts alone with a start timeout shorter than its
+    // wait. The node pushes the timeout back while it waits, so the unit stays "activating"
+    // (not ready, not killed and restarted) until the cluster has its 3 members.
+    c.sh(
+        0,
+        "mkdir -p /etc/systemd/system/scheduler.service.d \
+         && printf '[Service]\\nTimeoutStartSec=12s\\n' > /etc/systemd/system/scheduler.service.d/gate.conf \
+         && systemctl daemon-reload && systemctl enable --now --no-block scheduler 2>&1",
+    );
+    thread::sleep(Duration::from_secs(20));
+    let lone = (
+        c.sh(0, "systemctl is-active scheduler || true"),
+        c.sh(0, "systemctl show -p NRestarts --value scheduler"),
+    );
+    assert_eq!(
+        (lone.0.trim(), lone.1.trim()),
+        ("activating", "0"),
+        "a lone node under --min_cluster_size=3, 20 s after start with TimeoutStartSec=12s\n{}",
+        c.state()
+    );
+    assert!(
+        c.journal(0)
+            .contains("not ready: the all-instances cluster holds 1 of the 3"),
+        "{}",
+        c.state()
+    );
     let start = Instant::now();
-    for (vm, role) in ROLES.iter().enumerate() {
-        c.sh(vm, &format!("systemctl enable --now {role} 2>&1"));
+    for (vm, role) in ROLES.iter().enumerate().skip(1) {
+        c.sh(
+            vm,
+            &format!("systemctl enable --now --no-block {role} 2>&1"),
+        );
     }
-    let converge = start
-        .elapsed()
-        .max(c.wait_full("the first full list everywhere"));
+    let converge = c.wait_full("the first full list everywhere");
+    c.wait(Duration::from_secs(10), "every unit active", |c| {
+        (0..3).all(|vm| {
+            c.sh(vm, &format!("systemctl is-active {} || true", ROLES[vm]))
+                .trim()
+                == "active"
+        })
+    });
+    let gate_open = start.elapsed();
     // The documented grep shows it: workers their list of 3, the scheduler both groups.
     for vm in 0..3 {
         let grep = c.grep(vm);
@@ -371,8 +408,9 @@ fn the_package_runs_under_systemd_on_booted_images() {
         c.sh(vm, &format!("systemctl stop {role}"));
         write_key(&c, vm, &[&k1]);
     }
+    // Under the gate, the first two units can only be ready once the third runs: no blocking.
     for (vm, role) in ROLES.iter().enumerate() {
-        c.sh(vm, &format!("systemctl start {role}"));
+        c.sh(vm, &format!("systemctl start --no-block {role}"));
     }
     c.wait_full("the keyed cluster");
     for vm in 0..3 {
@@ -410,7 +448,8 @@ fn the_package_runs_under_systemd_on_booted_images() {
     c.hold_full(Duration::from_secs(3));
 
     eprintln!(
-        "figures: enable --now on 3 images to the full list everywhere {converge:?}; \
+        "figures: with vm0 waiting at the gate, enable --now on the other 2 images to the \
+         full list everywhere {converge:?} and every unit active {gate_open:?}; \
          stop seen by the others {stop_seen:?}; SIGKILL to restarted-and-rejoined {rejoin:?}; \
          reboot of a worker: booted after {after_boot:?}, full list after {reboot_full:?}; \
          nine rolling restarts of the key rotation {rotation:?}; whole test {:?}",

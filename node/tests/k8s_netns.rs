@@ -11,7 +11,9 @@ use std::time::Duration;
 use k8s_fake::{FakeApi, running_pod};
 use testbed::{ProcId, Testbed};
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
+mod common;
+use common::{ALL_PORT, BIN, SCHEDULER_PORT};
+
 const NS: &str = "builds";
 const TOKEN: &str = "netns-token";
 
@@ -31,7 +33,7 @@ fn node(fake: &FakeApi, sa_dir: &Path, role: &str, ip: &str) -> Command {
 
 fn me(bed: &Testbed, id: ProcId) -> uuid::Uuid {
     bed.logs()
-        .last(id, 10081)
+        .last(id, ALL_PORT)
         .and_then(|l| l.members.into_iter().find(|m| m.this))
         .expect("a logged list")
         .uuid
@@ -67,27 +69,24 @@ fn pods_on_namespace_hosts_form_both_clusters_and_deleted_pods_are_dropped() {
     }
 
     bed.wait_for(Duration::from_secs(30), "both clusters formed", |logs| {
-        let all: Vec<_> = ids.iter().map(|(_, id)| logs.last(*id, 10081)).collect();
-        all.iter().all(|l| l.as_ref().is_some_and(|l| l.size == 5))
-            && all
-                .windows(2)
-                .all(|w| w[0].as_ref().map(|l| l.shape()) == w[1].as_ref().map(|l| l.shape()))
+        let all: Vec<_> = ids.iter().map(|(_, id)| logs.last(*id, ALL_PORT)).collect();
+        common::lists_agree(&all, 5)
             && ids[..2]
                 .iter()
-                .all(|(_, id)| logs.last(*id, 9081).is_some_and(|l| l.size == 2))
+                .all(|(_, id)| logs.last(*id, SCHEDULER_PORT).is_some_and(|l| l.size == 2))
     })
     .unwrap();
     {
         let logs = bed.logs();
         for (_, id) in &ids[2..] {
             assert!(
-                logs.last(*id, 9081).is_none(),
+                logs.last(*id, SCHEDULER_PORT).is_none(),
                 "a worker joined the scheduler cluster"
             );
         }
         // Every member address is a namespace host's, as the pods said.
         let hosts: Vec<String> = bed.hosts().iter().map(|h| h.ip.to_string()).collect();
-        let last = logs.last(ids[0].1, 10081).unwrap();
+        let last = logs.last(ids[0].1, ALL_PORT).unwrap();
         for m in &last.members {
             assert!(hosts.contains(&m.addr.ip().to_string()), "{m:?}");
         }
@@ -100,7 +99,7 @@ fn pods_on_namespace_hosts_form_both_clusters_and_deleted_pods_are_dropped() {
     bed.terminate(id);
     bed.wait_for(Duration::from_secs(10), "the leave is logged", |logs| {
         ids[..4].iter().all(|(_, id)| {
-            logs.last(*id, 10081)
+            logs.last(*id, ALL_PORT)
                 .is_some_and(|l| l.size == 4 && !l.members.iter().any(|m| m.uuid == gone))
         })
     })
@@ -113,12 +112,15 @@ fn pods_on_namespace_hosts_form_both_clusters_and_deleted_pods_are_dropped() {
     assert!(fake.delete_pod(NS, &name));
     bed.wait_for(Duration::from_secs(30), "the dead pod is dropped", |logs| {
         ids[..3].iter().all(|(_, id)| {
-            logs.last(*id, 10081)
+            logs.last(*id, ALL_PORT)
                 .is_some_and(|l| l.size == 3 && !l.members.iter().any(|m| m.uuid == dead))
         })
     })
     .unwrap();
-    assert_eq!(bed.logs().last(ids[0].1, 9081).map(|l| l.size), Some(2));
+    assert_eq!(
+        bed.logs().last(ids[0].1, SCHEDULER_PORT).map(|l| l.size),
+        Some(2)
+    );
 
     // The nodes followed the API with watches.
     assert!(fake.requests().iter().any(|q| q.contains("watch=true")));

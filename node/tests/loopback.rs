@@ -1,16 +1,123 @@
-//! Process tests on loopback: real `node` binaries on 127.0.0.21-24 with static discovery.
+//! Loopback tests. In-process: whole nodes on 127.0.0.21-23 with ephemeral ports and static
+//! discovery form both clusters, show role and zone per member in the API and metrics, and see
+//! a graceful leave. As processes (what needs one): the member log's exact layout and a leave
+//! on SIGTERM (127.0.0.24-25), and the CLI's exit codes and messages (127.0.0.26-29).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use membership::LoggedList;
+use node::logical::{ALL, Role, SCHEDULER};
 
 mod common;
-use common::{BIN, Node, wait_until};
+use common::{BIN, InProcess, Node, in_process_converged, port, wait_until};
 
-/// Starts a node on `ip` with static discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_scheduler_and_two_workers_form_both_clusters_and_see_a_leave() {
+    let bound = [
+        InProcess::bind("127.0.0.21", Role::Scheduler).await,
+        InProcess::bind("127.0.0.22", Role::Worker).await,
+        InProcess::bind("127.0.0.23", Role::Worker).await,
+    ];
+    let peers: Vec<String> = bound.iter().map(InProcess::peer).collect();
+    let peers = peers.join(",");
+    let zones = [Some("zone-a"), Some("zone-b"), None];
+    let mut nodes = Vec::new();
+    for (b, zone) in bound.into_iter().zip(zones) {
+        let mut args = vec!["--static_members", peers.as_str()];
+        if let Some(z) = zone {
+            args.extend(["--zone", z]);
+        }
+        nodes.push(InProcess::start(b, &args));
+    }
+    let refs: &[&InProcess] = &nodes.iter().collect::<Vec<_>>();
+    let formed = common::eventually(Duration::from_secs(15), move || {
+        in_process_converged(refs, "all", 3)
+    })
+    .await;
+    assert!(formed, "no common list of 3: {:?}", refs[0].members().await);
+
+    // Every node shows every member with its role and zone, and itself as `this`.
+    for n in &nodes {
+        let all = n.view("all").await;
+        assert_eq!(all.port, n.gossip(&ALL).port());
+        let mut rows: Vec<(String, String, Option<String>)> = all
+            .members
+            .iter()
+            .map(|m| (m.address.clone(), m.role.clone(), m.zone.clone()))
+            .collect();
+        rows.sort();
+        let expected: Vec<(String, String, Option<String>)> = nodes
+            .iter()
+            .zip(["scheduler", "worker", "worker"])
+            .zip(zones)
+            .map(|((x, role), zone)| {
+                let addr = x.gossip(&ALL).to_string();
+                (addr, role.to_owned(), zone.map(str::to_owned))
+            })
+            .collect();
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(rows, expected, "on {}", n.api);
+        let this: Vec<_> = all.members.iter().filter(|m| m.this).collect();
+        assert_eq!(this.len(), 1);
+        assert_eq!(this[0].uuid, all.this);
+        assert_eq!(this[0].address, n.gossip(&ALL).to_string());
+    }
+
+    // The scheduler is in two clusters, alone in its own; workers only in `all`.
+    let s = nodes[0].members().await.unwrap();
+    let names: Vec<&str> = s.clusters.iter().map(|c| c.cluster.as_str()).collect();
+    assert_eq!(names, ["scheduler", "all"]);
+    assert_eq!(s.clusters[0].members.len(), 1);
+    assert_eq!(s.clusters[0].port, nodes[0].gossip(&SCHEDULER).port());
+    for w in &nodes[1..] {
+        let m = w.members().await.unwrap();
+        assert_eq!(m.clusters.len(), 1);
+        assert_eq!(m.clusters[0].cluster, "all");
+    }
+
+    // Health and readiness on the scheduler's public port.
+    let public = nodes[0].public.expect("a scheduler listens publicly");
+    for path in ["/healthz", "/readyz"] {
+        common::get_async(public, path).await.unwrap();
+    }
+    // The members gauge by role and zone.
+    let metrics = common::get_async(nodes[1].api, "/metrics").await.unwrap();
+    for line in [
+        r#"node_cluster_zone_members{cluster="all",role="scheduler",zone="zone-a"} 1"#,
+        r#"node_cluster_zone_members{cluster="all",role="worker",zone="zone-b"} 1"#,
+        r#"node_cluster_zone_members{cluster="all",role="worker",zone=""} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
+
+    // A graceful leave: run returns, and the survivors drop the member within seconds.
+    let gone = nodes[2].view("all").await.this;
+    let leaver = nodes.pop().unwrap();
+    leaver.leave().await.expect("a clean leave");
+    let refs: &[&InProcess] = &nodes.iter().collect::<Vec<_>>();
+    let gone = &gone;
+    let left = common::eventually(Duration::from_secs(5), move || async move {
+        in_process_converged(refs, "all", 2).await
+            && !refs[0]
+                .view("all")
+                .await
+                .members
+                .iter()
+                .any(|m| &m.uuid == gone)
+    })
+    .await;
+    assert!(
+        left,
+        "survivors did not drop the leaver: {:?}",
+        refs[0].members().await
+    );
+}
+
+/// Starts a node process on `ip` with static discovery.
 fn start(role: &str, ip: &'static str, peers: &str) -> Node {
     let mut cmd = Command::new(BIN);
     cmd.args(["--role", role, "--discovery", "static"])
@@ -21,113 +128,68 @@ fn start(role: &str, ip: &'static str, peers: &str) -> Node {
     Node::spawn(cmd)
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
-fn one_scheduler_and_two_workers_form_both_clusters_and_log_a_leave() {
-    let peers = "127.0.0.21,127.0.0.22,127.0.0.23";
-    let sched = start("scheduler", "127.0.0.21", peers);
-    let w1 = start("worker", "127.0.0.22", peers);
-    let mut w2 = start("worker", "127.0.0.23", peers);
-    let nodes = [
-        (&sched, "127.0.0.21"),
-        (&w1, "127.0.0.22"),
-        (&w2, "127.0.0.23"),
-    ];
-
+fn processes_log_lists_in_the_hazelcast_layout_and_leave_on_sigterm() {
+    let peers = "127.0.0.24,127.0.0.25";
+    let sched = start("scheduler", "127.0.0.24", peers);
+    let mut worker = start("worker", "127.0.0.25", peers);
+    let nodes = [(&sched, "127.0.0.24"), (&worker, "127.0.0.25")];
+    let all = port(&ALL);
     let converged = wait_until(Duration::from_secs(15), || {
-        let lasts: Vec<_> = nodes.iter().map(|(n, _)| n.last(10081)).collect();
-        lasts
-            .iter()
-            .all(|l| l.as_ref().is_some_and(|l| l.size == 3))
-            && lasts.windows(2).all(|w| {
-                w[0].as_ref().map(LoggedList::shape) == w[1].as_ref().map(LoggedList::shape)
-            })
+        let lasts: Vec<_> = nodes.iter().map(|(n, _)| n.last(all)).collect();
+        common::lists_agree(&lasts, 2)
     });
     assert!(
         converged,
-        "no common list of 3; logs:\n{}\n---\n{}\n---\n{}",
+        "no common list of 2; logs:\n{}\n---\n{}",
         sched.text(),
-        w1.text(),
-        w2.text()
+        worker.text()
     );
 
     // The exact layout: a tab before every member line, `this` on the node's own line only.
     for (n, ip) in nodes {
-        let last = n.last(10081).unwrap();
+        let last = n.last(all).unwrap();
         let this: Vec<_> = last.members.iter().filter(|m| m.this).collect();
         assert_eq!(this.len(), 1);
         assert_eq!(this[0].addr.ip().to_string(), ip);
         let text = n.text();
         for m in &last.members {
             let line = format!(
-                "\tMember [{}]:10081 - {}{}",
+                "\tMember [{}]:{all} - {}{}",
                 m.addr.ip(),
                 m.uuid,
                 if m.this { " this" } else { "" }
             );
             assert!(text.lines().any(|l| l == line), "missing line {line:?}");
         }
-        assert!(text.contains(&format!("Members {{size:3, ver:{}}} [", last.ver)));
+        assert!(text.contains(&format!("Members {{size:2, ver:{}}} [", last.ver)));
         // ver only grows.
-        let vers: Vec<u64> = n.lists(10081).iter().map(|l| l.ver).collect();
+        let vers: Vec<u64> = n.lists(all).iter().map(|l| l.ver).collect();
         assert!(vers.windows(2).all(|w| w[0] < w[1]), "{vers:?}");
     }
-
-    // The scheduler prints two groups; workers print one.
+    // The scheduler prints two groups; the worker one.
     let s = sched
-        .last(9081)
+        .last(port(&SCHEDULER))
         .expect("the scheduler logs its scheduler cluster");
     assert_eq!(s.size, 1);
-    assert!(w1.lists(9081).is_empty() && w2.lists(9081).is_empty());
+    assert!(worker.lists(port(&SCHEDULER)).is_empty());
 
-    // The internal API agrees with the logs.
-    let body = http_get("127.0.0.21:8081", "/v1/members");
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    let json: serde_json::Value =
-        serde_json::from_str(body.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    let clusters = json["clusters"].as_array().unwrap();
-    assert_eq!(clusters.len(), 2);
-    assert_eq!(clusters[1]["cluster"], "all");
-    assert_eq!(clusters[1]["members"].as_array().unwrap().len(), 3);
-    assert!(http_get("127.0.0.21:18080", "/healthz").starts_with("HTTP/1.1 200"));
-    assert!(http_get("127.0.0.21:18080", "/readyz").starts_with("HTTP/1.1 200"));
-
-    // A graceful leave: the node exits 0 and the survivors log it within a second or so.
-    let gone = w2
-        .last(10081)
-        .unwrap()
-        .members
-        .iter()
-        .find(|m| m.this)
-        .unwrap()
-        .uuid;
-    w2.signal("TERM");
-    let status = w2
+    // SIGTERM: the node leaves, exits 0, and the survivor logs the leave within seconds.
+    let gone = worker.me(all);
+    worker.signal("TERM");
+    let status = worker
         .wait_exit(Duration::from_secs(5))
         .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}");
     let left = wait_until(Duration::from_secs(5), || {
-        [&sched, &w1].iter().all(|n| {
-            n.last(10081)
-                .is_some_and(|l| l.size == 2 && !l.members.iter().any(|m| m.uuid == gone))
-        })
+        sched
+            .last(all)
+            .is_some_and(|l| l.size == 1 && !l.members.iter().any(|m| m.uuid == gone))
     });
-    assert!(left, "survivors did not log the leave:\n{}", sched.text());
-    assert_eq!(
-        sched.last(10081).unwrap().shape(),
-        w1.last(10081).unwrap().shape()
+    assert!(
+        left,
+        "the survivor did not log the leave:\n{}",
+        sched.text()
     );
 }
 
@@ -153,11 +215,12 @@ fn a_selector_that_matches_no_interface_fails_with_the_interface_list() {
 
 #[test]
 fn a_taken_port_names_the_port_and_the_flag() {
-    let _held = std::net::TcpListener::bind("127.0.0.24:8081").unwrap();
+    let private = common::default_private_port();
+    let _held = std::net::TcpListener::bind(("127.0.0.29", private)).unwrap();
     let out = Command::new(BIN)
         .args([
             "--private_ip_selector",
-            "127.0.0.24/32",
+            "127.0.0.29/32",
             "--static_members",
             "127.0.0.25",
         ])
@@ -166,10 +229,30 @@ fn a_taken_port_names_the_port_and_the_flag() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("port 8081 on 127.0.0.24 is already in use"),
+        err.contains(&format!("port {private} on 127.0.0.29 is already in use")),
         "{err}"
     );
     assert!(err.contains("--private_port"), "{err}");
+}
+
+#[test]
+fn an_invalid_zone_is_refused_before_anything_binds() {
+    let out = Command::new(BIN)
+        .args([
+            "--private_ip_selector",
+            "127.0.0.28/32",
+            "--static_members",
+            "127.0.0.25",
+        ])
+        .args(["--zone", "bad zone"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--zone") && err.contains("invalid zone"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -191,22 +274,16 @@ fn an_empty_static_list_is_named() {
 
 #[test]
 fn discover_prints_json_with_candidates_and_exclusions() {
-    let out = Command::new(BIN)
-        .args([
-            "discover",
-            "--json",
-            "--private_ip_selector",
-            "127.0.0.27/32",
-        ])
-        .args(["--static_members", "127.0.0.27,127.0.0.28:9000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::json_output(
+        Command::new(BIN)
+            .args([
+                "discover",
+                "--json",
+                "--private_ip_selector",
+                "127.0.0.27/32",
+            ])
+            .args(["--static_members", "127.0.0.27,127.0.0.28:9000"]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["candidates"][0]["ip"], "127.0.0.28");
     assert_eq!(v["candidates"][0]["port"], 9000);
     assert_eq!(v["excluded"][0]["id"], "127.0.0.27");

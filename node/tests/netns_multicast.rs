@@ -5,7 +5,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use discovery::Role;
@@ -13,26 +12,21 @@ use discovery_multicast::Announcement;
 use testbed::{Logs, ProcId, Testbed};
 use uuid::Uuid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_node");
-/// The all-instances cluster's port with the default `--private_port` 8081.
-const ALL: u16 = 10081;
+mod common;
+use common::BIN;
+
+/// The all-instances cluster's port with the default `--private_port`.
+const ALL: u16 = common::ALL_PORT;
 /// The scheduler cluster's port.
-const SCHED: u16 = 9081;
+const SCHED: u16 = common::SCHEDULER_PORT;
 /// Forming, removing and merging take seconds; these deadlines leave room for a loaded CI.
 const FORM: Duration = Duration::from_secs(60);
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+use common::serial;
 
 /// A bed with `hosts` hosts; fails with the reason when this machine cannot run it.
 fn bed(hosts: usize) -> Testbed {
-    if let Err(e) = testbed::check_prerequisites() {
-        panic!("the multicast network-namespace tests cannot run here: {e}");
-    }
-    Testbed::new(hosts).unwrap_or_else(|e| panic!("cannot build the test bed: {e}"))
+    common::bed(hosts, "multicast")
 }
 
 /// Starts a node with multicast discovery on host `host`.
@@ -54,12 +48,7 @@ fn start(bed: &mut Testbed, host: usize, role: &str, cluster: &str) -> ProcId {
 /// (same members in the same order, same `ver`).
 fn agree(logs: &Logs<'_>, nodes: &[ProcId], port: u16, size: usize) -> bool {
     let lists: Vec<_> = nodes.iter().map(|&n| logs.last(n, port)).collect();
-    lists
-        .iter()
-        .all(|l| l.as_ref().is_some_and(|l| l.size == size))
-        && lists
-            .windows(2)
-            .all(|w| w[0].as_ref().map(|l| l.shape()) == w[1].as_ref().map(|l| l.shape()))
+    common::lists_agree(&lists, size)
 }
 
 fn check(r: Result<Duration, testbed::TestbedError>) -> Duration {
@@ -260,13 +249,13 @@ fn garbage_on_the_group_does_not_disturb_a_formed_cluster() {
         cluster_name: "default".into(),
         role: Role::Scheduler,
         node_id: Uuid::new_v4(),
-        ip: bed.host(1).ip,
+        ip: bed.host(1).ip.into(),
         port: 8081,
         interval_ms: 1000,
     };
     let foreign = Announcement {
         cluster_name: "intruder".into(),
-        ip: bed.bridge_ip(),
+        ip: bed.bridge_ip().into(),
         ..spoof.clone()
     };
     let (valid, foreign) = (spoof.encode().unwrap(), foreign.encode().unwrap());

@@ -3,7 +3,6 @@
 //! written through journald's native protocol (a real journald when one can run).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -37,24 +36,14 @@ fn terminate(n: &mut Node, within: Duration) -> Option<std::process::ExitStatus>
     n.wait_exit(within)
 }
 
-/// One GET on loopback, `Connection: close`; the whole raw answer.
-fn request(addr: &str, path: &str) -> Result<Vec<u8>, String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    Ok(raw)
+/// One GET on loopback with the node's own client; the body of a 200 answer.
+fn get(addr: &str, path: &str) -> Result<String, String> {
+    common::get(addr.parse().map_err(|e| format!("{addr}: {e}"))?, path)
 }
 
-/// One GET on loopback; the body of a 200 answer, parsed by the node's own client.
-fn get(addr: &str, path: &str) -> Result<String, String> {
-    let body = node::members::parse_response(&request(addr, path)?)?;
-    String::from_utf8(body).map_err(|e| e.to_string())
+/// One GET on loopback; the status code and the body, whatever the status.
+fn get_status(addr: &str, path: &str) -> Result<(u16, String), String> {
+    common::get_status(addr.parse().map_err(|e| format!("{addr}: {e}"))?, path)
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, for at most `within`.
@@ -823,18 +812,6 @@ fn member_lists_are_single_journal_entries() {
     }
 }
 
-/// One GET on loopback; the status code and the body, whatever the status.
-fn get_status(addr: &str, path: &str) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(&request(addr, path)?).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status line in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((code, body.to_string()))
-}
-
 #[test]
 fn the_start_up_gate_holds_readiness_until_the_cluster_has_its_size() {
     let dir = std::env::temp_dir().join(format!("node-ops-gate-{}", std::process::id()));
@@ -877,6 +854,8 @@ fn the_start_up_gate_holds_readiness_until_the_cluster_has_its_size() {
     drain(&mut seen);
     assert!(seen.contains("waiting for 2 members"), "{seen}");
     assert!(!seen.contains("READY=1"), "READY before the size: {seen}");
+    // The wait pushes systemd's start timeout back, so the unit is not killed while it waits.
+    assert!(seen.contains("EXTEND_TIMEOUT_USEC=30000000"), "{seen}");
     // The wait is explained in the log, with what discovery found.
     assert!(
         wait_for(Duration::from_secs(15), || a

@@ -13,6 +13,14 @@
 //!   inside end is `eth0`, holding [`Host::ip`]; its root end `<prefix>v<i>` is a bridge port.
 //!   Each host has a route for `224.0.0.0/4` on `eth0` and no default route, so nothing a host
 //!   sends can leave the bridge.
+//! - IPv6 too: the bed's slot also picks a `/64` of `2001:2::/48` (the IPv6 benchmarking
+//!   range), `2001:2:0:<slot>::/64` ([`Testbed::cidr6`]). The bridge holds `::1`
+//!   ([`Testbed::bridge_ip6`]) and host `i` holds `::<i + 2>` ([`Host::ip6`]) on `eth0`, both
+//!   `nodad` so they are usable at once; hosts also have their kernel's link-local `fe80::`
+//!   address. The hosts reach each other over the bridge (layer 2, no forwarding) and have
+//!   no default route; the root namespace routes the bed's `/64` to the bridge only and holds
+//!   `unreachable 2001:2::/48` while any bed exists, so an address of a bed that is gone never
+//!   follows the root's default route out of the machine.
 //!
 //! The prefix is `tb` + the test process id + a counter (9 characters), so interface names
 //! stay within Linux's 15 and parallel or aborted runs never collide. [`Testbed::new`] first
@@ -48,6 +56,16 @@
 //! anything else still running inside a host), deletes the namespaces (which deletes the
 //! veths and nftables rules with them) and the bridge, and frees the subnet.
 //!
+//! # Large beds
+//!
+//! A bed of hundreds of hosts works (`cargo xtask bench` runs 200), with one step the caller
+//! takes: [`Testbed::static_neighbors`]. The kernel's neighbor table is shared by every
+//! namespace and holds 1024 dynamic entries by default, which about 32 fully meshed hosts
+//! fill ("neighbor table overflow" in the kernel log, then dropped packets), and every
+//! address resolution is flooded to every bridge port; permanent entries avoid both. Setup
+//! costs about 50 ms a host (seven `ip` commands); [`Drop`] clears a bed of any size in one
+//! pass over `/proc` and one `ip -batch`.
+//!
 //! # Booted images
 //!
 //! [`image::ImageBed`] boots a Debian image with systemd as PID 1 in each host
@@ -76,7 +94,7 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -292,12 +310,85 @@ fn slot_base(slot: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + slot * (1 << (32 - PREFIX_LEN)))
 }
 
+/// The IPv6 benchmarking range (RFC 5180); beds use one `/64` of it each.
+pub const BENCH6: &str = "2001:2::/48";
+/// The prefix length of each bed's IPv6 subnet.
+pub const PREFIX6_LEN: u8 = 64;
+
+/// The bed's IPv6 `/64`: `2001:2:0:<slot>::`, inside `2001:2::/48` whatever the slot.
+fn slot_base6(slot: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, (slot % SLOTS) as u16, 0, 0, 0, 0)
+}
+
+/// The address `n` of a bed's `/64`.
+fn addr6(base: Ipv6Addr, n: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(base) + u128::from(n))
+}
+
 fn kill_netns_pids(ns: &str) {
     if let Ok(pids) = run(["ip", "netns", "pids", ns]) {
         for pid in pids.split_whitespace() {
             let _ = run(["kill", "-9", pid]);
         }
     }
+}
+
+/// The processes inside any of the named namespaces, in one pass over `/proc` (`ip netns
+/// pids` scans it once per namespace, which takes seconds for hundreds of hosts).
+fn pids_in_netns(names: &[&str]) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns_of = |path: PathBuf| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let wanted: std::collections::HashSet<(u64, u64)> = names
+        .iter()
+        .filter_map(|n| ns_of(PathBuf::from(format!("/run/netns/{n}"))))
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            ns_of(PathBuf::from(format!("/proc/{pid}/ns/net"))).is_some_and(|k| wanted.contains(&k))
+        })
+        .collect()
+}
+
+/// Runs `ip [-n NETNS] -force -batch -` with `lines` on stdin: one process for many commands.
+fn run_batch(netns: Option<&str>, lines: &str) -> Result<(), TestbedError> {
+    use std::io::Write as _;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| TestbedError::Spawn {
+        command: describe(&cmd),
+        source,
+    })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error shows up as the command's failure below.
+        let _ = stdin.write_all(lines.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| TestbedError::Spawn {
+            command: describe(&cmd),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(TestbedError::Command {
+            command: describe(&cmd),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Removes namespaces, bridges and subnet reservations left by test processes that are gone
@@ -330,6 +421,22 @@ pub fn sweep_stale() {
             }
         }
     }
+}
+
+/// Serialises adding and removing the `unreachable 2001:2::/48` guard route across beds and
+/// processes (an exclusive `flock`, released when the file is dropped). Best effort: without
+/// the lock the route is still added; at worst a concurrent last drop removes it early.
+fn guard_route_lock() -> Option<std::fs::File> {
+    let dir = reservation_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("route.lock"))
+        .ok()?;
+    f.lock().ok()?;
+    Some(f)
 }
 
 /// Reserves a free subnet slot with an exclusively created file naming the owner.
@@ -379,6 +486,8 @@ pub struct Host {
     pub veth: String,
     /// Its address, on `eth0` inside the namespace.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address (in [`Testbed::cidr6`]), on `eth0` too.
+    pub ip6: Ipv6Addr,
 }
 
 /// A process started by the bed; pass it back to [`Testbed`] and [`Logs`] methods.
@@ -460,6 +569,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct Testbed {
     prefix: String,
     base: Ipv4Addr,
+    base6: Ipv6Addr,
     bridge: String,
     hosts: Vec<Host>,
     procs: Vec<Proc>,
@@ -483,6 +593,7 @@ impl Testbed {
             bridge: format!("{prefix}br"),
             prefix,
             base: slot_base(slot),
+            base6: slot_base6(slot),
             hosts: Vec::new(),
             procs: Vec::new(),
             reservation: Some(path),
@@ -504,6 +615,13 @@ impl Testbed {
         bed.bridge_created = true;
         let cidr = format!("{}/{PREFIX_LEN}", bed.bridge_ip());
         run(["ip", "addr", "add", &cidr, "dev", &br])?;
+        // Anything in 2001:2::/48 outside a live bed's /64 goes nowhere (not the default route).
+        {
+            let _lock = guard_route_lock();
+            run(["ip", "-6", "route", "replace", "unreachable", BENCH6])?;
+        }
+        let cidr6 = format!("{}/{PREFIX6_LEN}", bed.bridge_ip6());
+        run(["ip", "-6", "addr", "add", &cidr6, "dev", &br, "nodad"])?;
         run(["ip", "link", "set", &br, "up"])?;
         for _ in 0..hosts {
             bed.add_host()?;
@@ -522,6 +640,7 @@ impl Testbed {
             netns: format!("{}h{index}", self.prefix),
             veth: format!("{}v{}", self.prefix, base36(index as u64, 2)),
             ip: Ipv4Addr::from(u32::from(self.base) + 2 + index as u32),
+            ip6: addr6(self.base6, 2 + index as u32),
         };
         let ns = host.netns.clone();
         run(["ip", "netns", "add", &ns])?;
@@ -535,6 +654,10 @@ impl Testbed {
         run(["ip", "link", "set", v, "master", &self.bridge, "up"])?;
         run(["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         run(["ip", "-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        let cidr6 = format!("{}/{PREFIX6_LEN}", host.ip6);
+        run([
+            "ip", "-n", &ns, "-6", "addr", "add", &cidr6, "dev", "eth0", "nodad",
+        ])?;
         run(["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
         run([
             "ip",
@@ -568,6 +691,16 @@ impl Testbed {
     /// The bed's subnet, e.g. `198.18.4.0/22`.
     pub fn cidr(&self) -> String {
         format!("{}/{PREFIX_LEN}", self.base)
+    }
+
+    /// The bridge's IPv6 address, like [`Testbed::bridge_ip`].
+    pub fn bridge_ip6(&self) -> Ipv6Addr {
+        addr6(self.base6, 1)
+    }
+
+    /// The bed's IPv6 subnet, e.g. `2001:2:0:1::/64`.
+    pub fn cidr6(&self) -> String {
+        format!("{}/{PREFIX6_LEN}", self.base6)
     }
 
     /// Every host.
@@ -755,6 +888,67 @@ impl Testbed {
         result
     }
 
+    /// Gives every host a permanent neighbor entry (address to MAC, IPv4 and IPv6) for every
+    /// other host and the bridge, so no host ever resolves a neighbor. Large beds need it: a
+    /// resolution request is flooded to every bridge port (N² copies when N hosts start talking
+    /// at once), and the kernel's neighbor table is shared by every namespace, 1024 dynamic
+    /// entries by default (`net.ipv4.neigh.default.gc_thresh3`), which about 32 fully meshed
+    /// hosts fill ("neighbor table overflow", then dropped packets); permanent entries do not
+    /// count against it. Hosts added afterwards get no entries.
+    pub fn static_neighbors(&self) -> Result<(), TestbedError> {
+        let mac_of = |ns: &str| -> Result<String, TestbedError> {
+            let out = run(["ip", "-n", ns, "-o", "link", "show", "dev", "eth0"])?;
+            out.split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .map(str::to_owned)
+                .ok_or_else(|| TestbedError::Command {
+                    command: format!("ip -n {ns} -o link show dev eth0"),
+                    status: "no link/ether".into(),
+                    stderr: out.trim().to_owned(),
+                })
+        };
+        // Each step is one short `ip` per host; a few threads overlap their start-up.
+        let par = |f: &(dyn Fn(&Host) -> Result<String, TestbedError> + Sync)| {
+            let chunk = self.hosts.len().div_ceil(8).max(1);
+            thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .hosts
+                    .chunks(chunk)
+                    .map(|hs| s.spawn(move || hs.iter().map(f).collect::<Vec<_>>()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect::<Result<Vec<String>, TestbedError>>()
+            })
+        };
+        let macs = par(&|h: &Host| mac_of(&h.netns))?;
+        let bridge_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", self.bridge))
+            .map_err(|source| TestbedError::Io {
+                what: format!("cannot read the MAC address of {}", self.bridge),
+                source,
+            })?;
+        let mut all: Vec<(String, &str)> = vec![
+            (self.bridge_ip().to_string(), bridge_mac.trim()),
+            (self.bridge_ip6().to_string(), bridge_mac.trim()),
+        ];
+        for (h, mac) in self.hosts.iter().zip(&macs) {
+            all.push((h.ip.to_string(), mac));
+            all.push((h.ip6.to_string(), mac));
+        }
+        par(&|h: &Host| {
+            let (ip, ip6) = (h.ip.to_string(), h.ip6.to_string());
+            let lines: String = all
+                .iter()
+                .filter(|(a, _)| *a != ip && *a != ip6)
+                .map(|(a, mac)| format!("neigh replace {a} lladdr {mac} dev eth0 nud permanent\n"))
+                .collect();
+            run_batch(Some(&h.netns), &lines).map(|()| String::new())
+        })
+        .map(drop)
+    }
+
     /// The logs of every process.
     pub fn logs(&self) -> Logs<'_> {
         Logs { procs: &self.procs }
@@ -848,22 +1042,56 @@ impl Testbed {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
+        // Signal every process first and reap after, so hundreds of exits overlap.
         for p in &self.procs {
-            let mut c = lock(&p.child);
-            let _ = c.kill();
-            let _ = c.wait();
+            let _ = lock(&p.child).kill();
+        }
+        for p in &self.procs {
+            let _ = lock(&p.child).wait();
+        }
+        // Anything else still inside a host (children of the processes), in one /proc pass.
+        let names: Vec<&str> = self.hosts.iter().map(|h| h.netns.as_str()).collect();
+        let strays: Vec<String> = pids_in_netns(&names).iter().map(u32::to_string).collect();
+        if !strays.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-9")
+                .args(&strays)
+                .stderr(Stdio::null())
+                .status();
+        }
+        // One `ip` for every host: deleting the root end of a veth removes the pair at once
+        // (a namespace's devices otherwise go later, asynchronously). Errors are expected
+        // for parts never created; any namespace still there is retried alone, loudly.
+        let dels: String = self
+            .hosts
+            .iter()
+            .map(|h| format!("link del {}\nnetns del {}\n", h.veth, h.netns))
+            .collect();
+        if !dels.is_empty() {
+            let _ = run_batch(None, &dels);
         }
         for h in &self.hosts {
-            kill_netns_pids(&h.netns);
-            run_quiet(&["ip", "netns", "del", &h.netns]);
-            // The veth goes with the namespace; this only matters if it was never moved.
-            let _ = run(["ip", "link", "del", &h.veth]);
+            if PathBuf::from(format!("/run/netns/{}", h.netns)).exists() {
+                run_quiet(&["ip", "netns", "del", &h.netns]);
+            }
         }
         if self.bridge_created {
             run_quiet(&["ip", "link", "del", &self.bridge]);
         }
+        // The last bed of the machine takes the guard route with it. Under the lock, a bed
+        // that reserved its slot after this check adds the route again after this removal.
+        let _lock = guard_route_lock();
         if let Some(path) = self.reservation.take() {
             let _ = std::fs::remove_file(path);
+        }
+        let others = std::fs::read_dir(reservation_dir())
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("slot-"))
+            })
+            .unwrap_or(false);
+        if !others {
+            let _ = run(["ip", "-6", "route", "del", "unreachable", BENCH6]);
         }
     }
 }
@@ -891,5 +1119,27 @@ mod tests {
         assert_eq!(slot_base(1), Ipv4Addr::new(198, 18, 4, 0));
         let last = u32::from(slot_base(SLOTS - 1)) + (1 << (32 - PREFIX_LEN)) - 1;
         assert_eq!(Ipv4Addr::from(last), Ipv4Addr::new(198, 19, 255, 255));
+    }
+
+    #[test]
+    fn every_ipv6_subnet_and_host_is_inside_2001_2_48() {
+        // The first 48 bits are 2001:0002:0000, the next 16 the slot, the last 64 the host.
+        let in_range = |a: Ipv6Addr| u128::from(a) >> 80 == 0x2001_0002_0000;
+        let subnet = |a: Ipv6Addr| u128::from(a) >> 64;
+        assert_eq!(BENCH6, "2001:2::/48");
+        assert_eq!(slot_base6(0), "2001:2::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(slot_base6(5), "2001:2:0:5::".parse::<Ipv6Addr>().unwrap());
+        for slot in [0, 1, SLOTS - 1, SLOTS, u32::MAX] {
+            let base = slot_base6(slot);
+            assert_eq!(u128::from(base) & u128::from(u64::MAX), 0, "slot {slot}");
+            for n in [1, 2, 2 + MAX_HOSTS as u32] {
+                let a = addr6(base, n);
+                assert!(in_range(a) && subnet(a) == subnet(base), "{a}");
+            }
+        }
+        assert_eq!(
+            addr6(slot_base6(3), 2 + 1020),
+            "2001:2:0:3::3fe".parse::<Ipv6Addr>().unwrap()
+        );
     }
 }

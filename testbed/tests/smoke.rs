@@ -144,3 +144,70 @@ fn leftovers_of_a_dead_test_process_are_swept() {
     testbed::sweep_stale();
     assert_eq!(traces(&prefix), Vec::<String>::new());
 }
+
+#[test]
+fn ipv6_hosts_reach_each_other_over_the_bridge_and_nothing_else() {
+    testbed::check_prerequisites().unwrap();
+    let bed = Testbed::new(2).unwrap();
+    let (a, b) = (bed.host(0).ip6, bed.host(1).ip6);
+    // One /64 of 2001:2::/48 holds the bridge and every host.
+    let cidr6 = bed.cidr6();
+    let (base, len) = cidr6.split_once('/').unwrap();
+    assert_eq!(len, "64");
+    let net = |ip: std::net::Ipv6Addr| u128::from(ip) >> 64;
+    let base: std::net::Ipv6Addr = base.parse().unwrap();
+    assert_eq!(
+        u128::from(base) >> 80,
+        0x2001_0002_0000,
+        "{cidr6} is outside 2001:2::/48"
+    );
+    assert!(
+        [a, b, bed.bridge_ip6()]
+            .iter()
+            .all(|&ip| net(ip) == net(base))
+    );
+    // `nodad`: usable at once, no waiting for duplicate address detection.
+    assert_eq!(received(&ping(&bed, 0, &b.to_string(), "3")), 3);
+    assert_eq!(received(&ping(&bed, 1, &a.to_string(), "3")), 3);
+    assert_eq!(
+        received(&ping(&bed, 0, &bed.bridge_ip6().to_string(), "1")),
+        1
+    );
+    // Hosts have no default route: another /64 of the range is unreachable from inside.
+    let routes = bed
+        .exec(0, &["ip", "-6", "route", "show", "default"])
+        .unwrap();
+    assert!(routes.stdout.is_empty(), "{routes:?}");
+    let out = bed
+        .exec(0, &["ip", "-6", "route", "get", "2001:2:0:ffff::1"])
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a host routes outside its /64: {out:?}"
+    );
+    // In the root namespace, the range goes nowhere but to live beds' bridges.
+    let out = Command::new("ip")
+        .args(["-6", "route", "get", "2001:2:0:ffff::1"])
+        .output()
+        .unwrap();
+    let text = format!("{out:?}");
+    assert!(
+        !out.status.success() || text.contains("unreachable"),
+        "2001:2::/48 leaks from the root namespace: {text}"
+    );
+    let out = Command::new("ip")
+        .args(["-6", "route", "get", &b.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("dev {}", bed.bridge())), "{text}");
+    // Faults apply to IPv6 too.
+    bed.link_down(1).unwrap();
+    assert_eq!(received(&ping(&bed, 0, &b.to_string(), "2")), 0);
+    bed.link_up(1).unwrap();
+    assert!(received(&ping(&bed, 0, &b.to_string(), "5")) >= 3);
+    bed.set_loss(1, 100, 0).unwrap();
+    assert_eq!(received(&ping(&bed, 0, &b.to_string(), "3")), 0);
+    bed.set_loss(1, 0, 0).unwrap();
+    assert_eq!(received(&ping(&bed, 0, &b.to_string(), "3")), 3);
+}

@@ -31,9 +31,12 @@ commands:
           version (e.g. to test an upgrade), --fast compresses with gzip -1 instead of xz
   test    install what the tests need, then run cargo fmt --check, clippy -D warnings
           and every test (LocalStack runs for the AWS backend's tests)
-  bench [--quick] [--dry-run]
-          node against serf in network namespaces, plus the simulator at N=100..1000;
-          writes target/bench/summary.json, table.txt and bench.png (needs root)
+  bench [--quick] [--dry-run] [--sizes N,N...] [--node-bin PATH]
+          node against serf in network namespaces at N=3..200, plus the simulator at
+          N=100..1000; writes target/bench/summary.json, table.txt and bench.png (needs
+          root); --quick runs N=3,10,30 with short windows, --sizes runs only those sizes
+          (no simulator, no loss test), --node-bin (or BENCH_NODE_BIN) runs a built binary
+          instead of building `--release -p node`
   attack [--only NAME[,NAME]] [--keyless|--keyed] [--node PATH] [--spoof]
           run every attack (hostile peer, floods, holds, forgeries, replays, a wrong-key
           member) against real nodes in network namespaces, keyless and keyed; prints the

@@ -52,11 +52,14 @@ pub fn check_built(which: DiscoveryArg) -> Result<(), DiscoveryError> {
 /// The error for a backend this binary was built without.
 fn not_built(which: DiscoveryArg) -> DiscoveryError {
     let feature = which.name();
-    DiscoveryError::Config(format!(
-        "`--discovery {feature}` is not in this binary: it was built without the `{feature}` \
-         feature; rebuild with `cargo build --release -p node --features {feature}` (the \
-         default features include every backend)"
-    ))
+    DiscoveryError::Config(
+        format!(
+            "`--discovery {feature}` is not in this binary: it was built without the `{feature}` \
+             feature; rebuild with `cargo build --release -p node --features {feature}` (the \
+             default features include every backend)"
+        )
+        .into(),
+    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Flags and constructor of multicast discovery.
 
-use std::net::Ipv4Addr;
-#[cfg(feature = "multicast")]
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use clap::{ArgAction, Args};
@@ -22,6 +21,15 @@ pub struct MulticastFlags {
     )]
     pub multicast_group: Ipv4Addr,
 
+    /// IPv6 multicast group of link-local scope (ff02::/16), used instead when the private IP is IPv6.
+    #[arg(
+        long = "multicast_group6",
+        env = "NODE_MULTICAST_GROUP6",
+        default_value = "ff02::224:2:2:3",
+        global = true
+    )]
+    pub multicast_group6: Ipv6Addr,
+
     /// UDP port of the multicast group.
     #[arg(long = "multicast_port", env = "NODE_MULTICAST_PORT", default_value_t = 54327, value_parser = clap::value_parser!(u16).range(1..), global = true)]
     pub multicast_port: u16,
@@ -35,11 +43,32 @@ pub struct MulticastFlags {
     pub multicast_loopback: bool,
 }
 
+/// The cluster key as the discovery contract's [`discovery::Seal`], for [`discovery::Context`]:
+/// the keyring knows nothing of discovery, so the node adapts it here.
+pub fn context_seal(sealer: Arc<keyring::Sealer>) -> Arc<dyn discovery::Seal> {
+    Arc::new(KeyringSeal(sealer))
+}
+
+/// [`keyring::Sealer`] seen as a [`discovery::Seal`].
+#[derive(Debug)]
+struct KeyringSeal(Arc<keyring::Sealer>);
+
+impl discovery::Seal for KeyringSeal {
+    fn seal(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        self.0.seal(aad, plain)
+    }
+
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, &'static str> {
+        self.0.open(aad, sealed).map_err(|e| e.reason())
+    }
+}
+
 #[cfg(feature = "multicast")]
 /// Builds the backend.
 pub fn build(flags: &MulticastFlags, ctx: Context) -> Result<Arc<dyn Discover>, DiscoveryError> {
     let cfg = MulticastConfig {
         group: flags.multicast_group,
+        group6: flags.multicast_group6,
         port: flags.multicast_port,
         ttl: flags.multicast_ttl,
         loopback: flags.multicast_loopback,
@@ -97,6 +126,7 @@ mod tests {
     fn defaults_follow_the_issue() {
         let f = parse(&[]).unwrap().flags.multicast;
         assert_eq!(f.multicast_group.to_string(), "224.2.2.3");
+        assert_eq!(f.multicast_group6, discovery_multicast::DEFAULT_GROUP6);
         assert_eq!(f.multicast_port, 54327);
         assert_eq!(f.multicast_ttl, 1);
         assert!(!f.multicast_loopback);
@@ -115,6 +145,8 @@ mod tests {
             &["--multicast_ttl", "256"],
             &["--multicast_port", "0"],
             &["--multicast_group", "224.2.2"],
+            &["--multicast_group6", "224.2.2.3"],
+            &["--multicast_group6", "ff02::1::2"],
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(args[0]), "{e}");
@@ -125,7 +157,10 @@ mod tests {
         let ring = keyring::Keyring::parse(keys, "test").unwrap();
         KeySeal {
             aad: keyring::aad(cluster, "multicast"),
-            inner: std::sync::Arc::new(keyring::Sealer::new(ring, Default::default())),
+            inner: super::context_seal(std::sync::Arc::new(keyring::Sealer::new(
+                ring,
+                Default::default(),
+            ))),
         }
     }
 

@@ -1,13 +1,15 @@
-//! Runs one membership engine on real sockets: UDP for gossip, TCP for syncs and big lists.
+//! The wire under one logical cluster: sealing, stream framing, the limits on what peers may
+//! send (datagram size, stream rate, read slots, deadlines) and the counters of what was dropped.
+//! The engine loop in `cluster` hands it datagrams and outputs; nothing here knows the engine.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use discovery::{Candidate, Snapshot};
 use keyring::Sealer;
-use membership::{Engine, MemberList, NodeId, Output, Stats, wire};
+use membership::{Output, wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -46,10 +48,12 @@ const MAX_TRACKED_SOURCES: usize = 4096;
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The largest stream body a legal message needs: a sync or a list of `max_members` members
-/// of the largest encoding (IPv6), plus the sealing when `sealed`.
+/// of the largest encoding (IPv6, the longest zone), plus the sealing when `sealed`.
 pub fn max_stream_body(max_members: usize, sealed: bool) -> usize {
-    let sync = wire::HEADER_LEN + wire::MAX_ID_LEN + 4 + max_members * MEMBER_LEN;
-    let list = wire::HEADER_LEN + 8 + 16 + 4 + max_members * wire::MAX_ID_LEN;
+    let sync =
+        wire::HEADER_LEN + wire::MAX_ID_LEN + wire::MAX_ZONE_LEN + 4 + max_members * MEMBER_LEN;
+    let list =
+        wire::HEADER_LEN + 8 + 16 + 4 + max_members * (wire::MAX_ID_LEN + wire::MAX_ZONE_LEN);
     sync.max(list) + if sealed { keyring::OVERHEAD } else { 0 }
 }
 
@@ -69,16 +73,13 @@ impl Protection {
     }
 }
 
-fn open<'a>(
-    p: Option<&Protection>,
-    data: &'a [u8],
-) -> Result<std::borrow::Cow<'a, [u8]>, &'static str> {
+fn open<'a>(p: Option<&Protection>, data: &'a [u8]) -> Result<Cow<'a, [u8]>, &'static str> {
     match p {
-        None => Ok(std::borrow::Cow::Borrowed(data)),
+        None => Ok(Cow::Borrowed(data)),
         Some(p) => p
             .sealer
             .open(&p.aad, data)
-            .map(std::borrow::Cow::Owned)
+            .map(Cow::Owned)
             .map_err(|e| e.reason()),
     }
 }
@@ -93,6 +94,17 @@ struct Drops {
 }
 
 type SharedDrops = Arc<Mutex<Drops>>;
+
+impl Drops {
+    fn shared(cluster: &'static str) -> SharedDrops {
+        Arc::new(Mutex::new(Drops {
+            cluster,
+            counts: BTreeMap::new(),
+            last_warn: None,
+            since_warn: 0,
+        }))
+    }
+}
 
 fn drop_packet(drops: &SharedDrops, reason: &'static str, from: SocketAddr) {
     let mut d = drops.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,6 +136,7 @@ struct StreamRate {
 
 impl StreamRate {
     fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let ip = source_key(ip);
         if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&ip) {
             // Forget sources whose bucket has refilled: they are idle.
             self.buckets.retain(|_, (tokens, at)| {
@@ -262,7 +275,7 @@ pub type KnownPeers = Arc<HashSet<IpAddr>>;
 
 /// Aborts a task when dropped, so a cancelled cluster task does not leave its accept loop behind.
 #[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -270,260 +283,132 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What the HTTP API shows of one cluster.
-#[derive(Debug, Clone)]
-pub struct ClusterView {
-    /// `scheduler` or `all`.
-    pub name: &'static str,
-    /// The gossip port.
-    pub port: u16,
-    /// This member.
-    pub me: NodeId,
-    /// The current member list.
-    pub list: MemberList,
-    /// When each member was first seen in a list, for ages.
-    pub first_seen: Vec<(uuid::Uuid, Instant)>,
-    /// The engine's counters.
-    pub stats: Stats,
-}
-
-/// Shared, read-mostly state of one cluster.
-pub type SharedView = Arc<RwLock<ClusterView>>;
-
-/// How a cluster's candidates are derived from discovery's.
-pub type CandidateMap = fn(&Candidate) -> Option<SocketAddr>;
-
-/// Everything a cluster task needs.
-#[derive(Debug)]
-pub struct ClusterSpec {
-    /// `scheduler` or `all`.
-    pub name: &'static str,
-    /// The engine, already created.
-    pub engine: Engine,
-    /// The bound gossip socket.
-    pub udp: UdpSocket,
-    /// The bound gossip stream listener.
-    pub tcp: TcpListener,
-    /// Discovery's output.
-    pub candidates: watch::Receiver<Snapshot>,
-    /// Maps a candidate to this cluster's gossip address, or skips it.
-    pub map: CandidateMap,
-    /// Receives the member count after every change.
-    pub size_tx: Option<watch::Sender<usize>>,
-    /// Turns true when the node must leave.
-    pub shutdown: watch::Receiver<bool>,
-    /// The cluster key; `None` sends and accepts plain messages.
-    pub protection: Option<Protection>,
-    /// The largest datagram accepted from the network, sealing included.
-    pub max_datagram: usize,
+/// What a cluster's traffic may be: the largest datagram and how many members a stream frame
+/// may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireLimits {
+    /// The largest datagram accepted from the network, sealing included (the engine's own
+    /// `Config::max_datagram` is that less the seal's overhead).
+    pub max_wire_datagram: usize,
     /// The engine's `max_members`: it sizes the largest stream frame accepted.
     pub max_members: usize,
 }
 
-/// Starts the cluster task; it returns after a graceful leave.
-pub fn spawn(spec: ClusterSpec) -> (SharedView, tokio::task::JoinHandle<()>) {
-    let view = Arc::new(RwLock::new(ClusterView {
-        name: spec.name,
-        port: spec.engine.me().addr.port(),
-        me: *spec.engine.me(),
-        list: spec.engine.list().clone(),
-        first_seen: Vec::new(),
-        stats: Stats::default(),
-    }));
-    let handle = tokio::spawn(run(spec, view.clone()));
-    (view, handle)
+impl WireLimits {
+    /// The engine's configuration for a cluster whose datagrams stay below the engine's default
+    /// `max_datagram` on the wire, sealing included (MTU-safe on IPv4 and IPv6), and the limits
+    /// that go with it.
+    pub fn engine_config(member_cap: usize, sealed: bool) -> (membership::Config, Self) {
+        let mut cfg = membership::Config::lan();
+        cfg.member_cap = member_cap;
+        let limits = Self {
+            max_wire_datagram: cfg.max_datagram,
+            max_members: cfg.max_members,
+        };
+        if sealed {
+            cfg.max_datagram -= keyring::OVERHEAD;
+        }
+        cfg.swim.max_packet_size = std::num::NonZeroUsize::new(cfg.max_datagram - wire::HEADER_LEN)
+            .expect("max_datagram is far above the header");
+        (cfg, limits)
+    }
 }
 
-async fn run(spec: ClusterSpec, view: SharedView) {
-    let ClusterSpec {
-        name,
-        mut engine,
-        udp,
-        tcp,
-        mut candidates,
-        map,
-        size_tx,
-        mut shutdown,
-        protection,
-        max_datagram,
-        max_members,
-    } = spec;
-    let udp = Arc::new(udp);
-    let max_body = max_stream_body(max_members, protection.is_some());
-    // Streams leave from the gossip address, so peers recognise this member by its source IP.
-    let bind_ip = engine.me().addr.ip();
-    let start = Instant::now();
-    let drops: SharedDrops = Arc::new(Mutex::new(Drops {
-        cluster: name,
-        counts: BTreeMap::new(),
-        last_warn: None,
-        since_warn: 0,
-    }));
-    let (stream_tx, mut stream_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
-    let (known_tx, known_rx) = watch::channel(KnownPeers::default());
-    let _accept = AbortOnDrop(tokio::spawn(accept_loop(
-        tcp,
-        stream_tx,
-        Incoming {
-            protection: protection.clone(),
-            drops: drops.clone(),
-            known: known_rx,
-            max_body,
+/// The wire of one logical cluster: it opens what arrives, seals and frames what leaves, and
+/// counts every packet and stream it refuses.
+#[derive(Debug)]
+pub struct Transport {
+    cluster: &'static str,
+    protection: Option<Protection>,
+    drops: SharedDrops,
+    limits: WireLimits,
+    max_body: usize,
+    /// Streams leave from the gossip address, so peers recognise this member by its source IP.
+    bind_ip: IpAddr,
+    permits: Arc<Semaphore>,
+}
+
+impl Transport {
+    /// The transport of `cluster`, sending streams from `bind_ip`.
+    pub fn new(
+        cluster: &'static str,
+        protection: Option<Protection>,
+        limits: WireLimits,
+        bind_ip: IpAddr,
+    ) -> Self {
+        Self {
+            cluster,
+            max_body: max_stream_body(limits.max_members, protection.is_some()),
+            protection,
+            drops: Drops::shared(cluster),
+            limits,
+            bind_ip,
+            permits: Arc::new(Semaphore::new(MAX_OUTGOING_STREAMS)),
+        }
+    }
+
+    /// Starts accepting streams on `tcp`; each one read whole and opened arrives on the
+    /// returned channel. `known` names the peers the reserved read slots are kept for.
+    pub fn accept(
+        &self,
+        tcp: TcpListener,
+        known: watch::Receiver<KnownPeers>,
+    ) -> (AbortOnDrop, mpsc::Receiver<(SocketAddr, Vec<u8>)>) {
+        let (tx, rx) = mpsc::channel(256);
+        let inc = Incoming {
+            protection: self.protection.clone(),
+            drops: self.drops.clone(),
+            known,
+            max_body: self.max_body,
             limits: SlotLimits::default(),
             head_deadline: HEAD_DEADLINE,
-        },
-    )));
-    let out = Outgoing {
-        permits: Arc::new(Semaphore::new(MAX_OUTGOING_STREAMS)),
-        name,
-        protection: protection.clone(),
-        bind_ip,
-        max_body,
-    };
-    let mut buf = vec![0u8; 65536];
-    let mut candidates_open = true;
-    let mut candidate_ips =
-        set_candidates(&mut engine, &candidates.borrow_and_update(), map, start);
-    publish(&mut engine, &view, size_tx.as_ref(), &drops);
-    update_known(&known_tx, engine.list(), &candidate_ips);
-    loop {
-        let mut candidates_changed = false;
-        let deadline = start + engine.next_deadline();
-        tokio::select! {
-            r = udp.recv_from(&mut buf) => match r {
-                Ok((n, from)) if n > max_datagram => drop_packet(&drops, "oversized", from),
-                Ok((n, from)) => match open(protection.as_ref(), &buf[..n]) {
-                    Ok(plain) => engine.handle_datagram(from, &plain, start.elapsed()),
-                    Err(reason) => drop_packet(&drops, reason, from),
-                },
-                Err(e) => tracing::debug!(cluster = name, "udp receive: {e}"),
-            },
-            Some((from, data)) = stream_rx.recv() => {
-                engine.handle_stream(from, &data, start.elapsed());
-            }
-            r = candidates.changed(), if candidates_open => match r {
-                Ok(()) => {
-                    let snap = candidates.borrow_and_update().clone();
-                    candidate_ips = set_candidates(&mut engine, &snap, map, start);
-                    candidates_changed = true;
-                }
-                Err(_) => candidates_open = false,
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => engine.tick(start.elapsed()),
-            _ = shutdown.changed() => {
-                engine.leave(start.elapsed());
-                send_outputs(&mut engine, &udp, &out).await;
-                // Give the leave datagrams a moment to leave the host.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                break;
+        };
+        (AbortOnDrop(tokio::spawn(accept_loop(tcp, tx, inc))), rx)
+    }
+
+    /// Opens a datagram of `n` bytes from the network, or counts why it was dropped.
+    pub fn open_datagram<'a>(&self, from: SocketAddr, data: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+        if data.len() > self.limits.max_wire_datagram {
+            drop_packet(&self.drops, "oversized", from);
+            return None;
+        }
+        match open(self.protection.as_ref(), data) {
+            Ok(plain) => Some(plain),
+            Err(reason) => {
+                drop_packet(&self.drops, reason, from);
+                None
             }
         }
-        send_outputs(&mut engine, &udp, &out).await;
-        if publish(&mut engine, &view, size_tx.as_ref(), &drops) || candidates_changed {
-            update_known(&known_tx, engine.list(), &candidate_ips);
-        }
     }
-}
 
-/// Hands the candidates to the engine and returns their IPs.
-fn set_candidates(
-    engine: &mut Engine,
-    snap: &Snapshot,
-    map: CandidateMap,
-    start: Instant,
-) -> HashSet<IpAddr> {
-    let addrs: Vec<SocketAddr> = snap.candidates.iter().filter_map(map).collect();
-    let ips = addrs.iter().map(SocketAddr::ip).collect();
-    engine.set_candidates(addrs, start.elapsed());
-    ips
-}
-
-/// Shares the IPs of the members in the list and of the candidates with the accept loop.
-fn update_known(tx: &watch::Sender<KnownPeers>, list: &MemberList, candidates: &HashSet<IpAddr>) {
-    let mut ips = candidates.clone();
-    ips.extend(list.members.iter().map(|m| m.addr.ip()));
-    tx.send_if_modified(|known| {
-        if **known == ips {
-            return false;
-        }
-        *known = Arc::new(ips);
-        true
-    });
-}
-
-/// Logs and shares the lists adopted since the last call; returns whether there was one.
-fn publish(
-    engine: &mut Engine,
-    view: &SharedView,
-    size_tx: Option<&watch::Sender<usize>>,
-    drops: &SharedDrops,
-) -> bool {
-    let changes = engine.drain_changes();
-    let me = engine.me().uuid;
-    for list in &changes {
-        // No fields: they would follow the closing `]` and break the layout.
-        tracing::info!(target: "members", "{}", list.render(me));
-    }
-    let mut v = view.write().unwrap_or_else(|p| p.into_inner());
-    v.stats = engine.stats().clone();
-    for (reason, n) in &drops.lock().unwrap_or_else(|p| p.into_inner()).counts {
-        *v.stats.rejected.entry(reason).or_default() += n;
-    }
-    v.me = *engine.me();
-    if let Some(last) = changes.last() {
-        v.list = last.clone();
-        let now = Instant::now();
-        let members: Vec<uuid::Uuid> = last.members.iter().map(|m| m.uuid).collect();
-        v.first_seen.retain(|(u, _)| members.contains(u));
-        for u in members {
-            if !v.first_seen.iter().any(|(x, _)| *x == u) {
-                v.first_seen.push((u, now));
-            }
-        }
-        if let Some(tx) = size_tx {
-            tx.send_replace(last.members.len());
-        }
-    }
-    !changes.is_empty()
-}
-
-/// What sending streams needs.
-#[derive(Debug)]
-struct Outgoing {
-    permits: Arc<Semaphore>,
-    name: &'static str,
-    protection: Option<Protection>,
-    bind_ip: IpAddr,
-    max_body: usize,
-}
-
-async fn send_outputs(engine: &mut Engine, udp: &Arc<UdpSocket>, out: &Outgoing) {
-    for o in engine.drain_outputs() {
-        match o {
+    /// Sends one engine output: a datagram on `udp`, or a stream in a task of its own (at most
+    /// [`MAX_OUTGOING_STREAMS`] at once; more are dropped, and the pull path recovers).
+    pub async fn send(&self, udp: &UdpSocket, output: Output) {
+        match output {
             Output::Datagram { to, data } => {
-                let data = match &out.protection {
+                let data = match &self.protection {
                     Some(p) => p.seal(&data),
                     None => data,
                 };
                 if let Err(e) = udp.send_to(&data, to).await {
-                    tracing::debug!(cluster = out.name, %to, "udp send: {e}");
+                    tracing::debug!(cluster = self.cluster, %to, "udp send: {e}");
                 }
             }
             Output::Stream { to, data } => {
-                let Some(bytes) = frame(out.protection.as_ref(), &data, out.max_body) else {
+                let Some(bytes) = frame(self.protection.as_ref(), &data, self.max_body) else {
                     tracing::debug!(
-                        cluster = out.name,
+                        cluster = self.cluster,
                         %to,
                         len = data.len(),
                         "stream frame larger than any peer accepts; dropped"
                     );
-                    continue;
+                    return;
                 };
-                let Ok(permit) = out.permits.clone().try_acquire_owned() else {
-                    tracing::debug!(cluster = out.name, %to, "too many streams in flight; dropped one");
-                    continue;
+                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                    tracing::debug!(cluster = self.cluster, %to, "too many streams in flight; dropped one");
+                    return;
                 };
-                let bind_ip = out.bind_ip;
+                let bind_ip = self.bind_ip;
                 tokio::spawn(async move {
                     let _permit = permit;
                     if let Err(e) = send_stream(Some(bind_ip), to, &bytes).await {
@@ -532,6 +417,15 @@ async fn send_outputs(engine: &mut Engine, udp: &Arc<UdpSocket>, out: &Outgoing)
                 });
             }
         }
+    }
+
+    /// Packets and streams refused so far, by reason.
+    pub fn dropped(&self) -> BTreeMap<&'static str, u64> {
+        self.drops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counts
+            .clone()
     }
 }
 
@@ -683,6 +577,8 @@ async fn read_stream(
 
 #[cfg(test)]
 mod tests {
+    use membership::NodeId;
+
     use super::*;
 
     #[test]
@@ -696,6 +592,100 @@ mod tests {
         assert!(r.allow(b, t0), "another source keeps its own budget");
         assert!(!r.allow(a, t0));
         assert!(r.allow(a, t0 + Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn a_flood_of_drops_warns_once_per_interval_and_counts_every_one() {
+        let drops = Drops::shared("all");
+        let from: SocketAddr = "127.0.4.61:1".parse().unwrap();
+        for i in 0..1000 {
+            drop_packet(
+                &drops,
+                if i % 2 == 0 {
+                    "malformed"
+                } else {
+                    "auth_failed"
+                },
+                from,
+            );
+        }
+        let d = drops.lock().unwrap();
+        assert_eq!(d.counts.get("malformed"), Some(&500));
+        assert_eq!(d.counts.get("auth_failed"), Some(&500));
+        // Only the first drop warned; the rest wait for the interval, counted for the next one.
+        assert!(d.last_warn.is_some());
+        assert_eq!(d.since_warn, 999);
+    }
+
+    #[test]
+    fn an_ipv6_source_is_rate_limited_by_its_64_as_read_slots_count_it() {
+        let mut r = StreamRate::default();
+        let t0 = Instant::now();
+        // One host spreading its connections over the addresses of its /64 spends one budget.
+        let burst = (0..100u16)
+            .filter(|i| r.allow(ip(&format!("2001:db8:7:1::{:x}", i + 1)), t0))
+            .count();
+        assert_eq!(burst, STREAM_BURST as usize);
+        assert!(!r.allow(ip("2001:db8:7:1:ffff::1"), t0));
+        assert_eq!(r.buckets.len(), 1);
+        // The next /64 is another source; an IPv4-mapped address counts as its IPv4 address.
+        assert!(r.allow(ip("2001:db8:7:2::1"), t0));
+        assert!(r.allow(ip("10.9.0.1"), t0));
+        for _ in 1..STREAM_BURST as usize {
+            assert!(r.allow(ip("10.9.0.1"), t0));
+        }
+        assert!(!r.allow(ip("::ffff:10.9.0.1"), t0));
+    }
+
+    #[test]
+    fn datagrams_over_the_limit_or_under_another_key_are_counted_not_opened() {
+        let limits = WireLimits {
+            max_wire_datagram: 100,
+            max_members: 10,
+        };
+        let from: SocketAddr = "127.0.4.51:1".parse().unwrap();
+        let t = Transport::new("all", Some(protection(K1)), limits, ip("127.0.4.50"));
+        let sealed = protection(K1).seal(b"hello");
+        assert_eq!(
+            t.open_datagram(from, &sealed).as_deref(),
+            Some(&b"hello"[..])
+        );
+        assert!(
+            t.open_datagram(from, &protection(K2).seal(b"hello"))
+                .is_none()
+        );
+        assert!(t.open_datagram(from, &[0u8; 101]).is_none());
+        assert!(t.open_datagram(from, b"plain").is_none());
+        let d = t.dropped();
+        assert_eq!(d.get("auth_failed"), Some(&1), "{d:?}");
+        assert_eq!(d.get("oversized"), Some(&1), "{d:?}");
+        assert_eq!(d.values().sum::<u64>(), 3, "{d:?}");
+        // Without a key the bytes pass as they are, within the same size limit.
+        let plain = Transport::new("all", None, limits, ip("127.0.4.50"));
+        assert_eq!(plain.open_datagram(from, b"x").as_deref(), Some(&b"x"[..]));
+        assert!(plain.open_datagram(from, &[0u8; 101]).is_none());
+    }
+
+    #[test]
+    fn a_sealed_engine_leaves_room_for_the_seal_within_the_same_wire_limit() {
+        let (plain, lp) = WireLimits::engine_config(64, false);
+        let (sealed, ls) = WireLimits::engine_config(64, true);
+        assert_eq!(lp, ls, "the wire limit does not depend on the key");
+        assert_eq!(plain.max_datagram, lp.max_wire_datagram);
+        assert_eq!(
+            sealed.max_datagram + keyring::OVERHEAD,
+            ls.max_wire_datagram
+        );
+        assert_eq!(
+            sealed.swim.max_packet_size.get(),
+            sealed.max_datagram - wire::HEADER_LEN
+        );
+        assert_eq!((plain.member_cap, sealed.member_cap), (64, 64));
+        assert!(
+            ls.max_wire_datagram <= 1400,
+            "MTU-safe: {}",
+            ls.max_wire_datagram
+        );
     }
 
     #[test]
@@ -747,12 +737,7 @@ mod tests {
         ) -> Self {
             let tcp = TcpListener::bind((ip(at), 0)).await.unwrap();
             let addr = tcp.local_addr().unwrap();
-            let drops: SharedDrops = Arc::new(Mutex::new(Drops {
-                cluster: "all",
-                counts: BTreeMap::new(),
-                last_warn: None,
-                since_warn: 0,
-            }));
+            let drops = Drops::shared("all");
             let (tx, rx) = mpsc::channel(16);
             let known: KnownPeers = Arc::new(known.iter().map(|s| ip(s)).collect());
             let inc = Incoming {
@@ -971,6 +956,7 @@ mod tests {
                 membership::Role::Scheduler,
             )
         };
+        let zone = membership::Zone::new(&"z".repeat(membership::Zone::MAX_LEN)).unwrap();
         let members: Vec<foca::Member<NodeId>> = (0..n)
             .map(|i| foca::Member::new(id(i as u16), 7, foca::State::Alive))
             .collect();
@@ -979,6 +965,7 @@ mod tests {
             wire::Kind::SyncResponse,
             &wire::SyncMsg {
                 from: id(999),
+                zone: Some(zone),
                 members,
             },
         );
@@ -988,16 +975,17 @@ mod tests {
                 ver: 1,
                 coordinator: uuid::Uuid::nil(),
                 members: (0..n).map(|i| id(i as u16)).collect(),
+                zones: (0..n).map(|i| (id(i as u16).uuid, zone)).collect(),
             },
         );
-        assert_eq!(sync.len(), max_stream_body(n, false));
-        assert!(list.len() <= max_stream_body(n, false));
+        assert_eq!(list.len(), max_stream_body(n, false));
+        assert!(sync.len() <= max_stream_body(n, false));
         let p = protection(K1);
-        assert!(frame(Some(&p), &sync, max_stream_body(n, true)).is_some());
-        assert!(frame(Some(&p), &sync, max_stream_body(n - 1, true)).is_none());
+        assert!(frame(Some(&p), &list, max_stream_body(n, true)).is_some());
+        assert!(frame(Some(&p), &list, max_stream_body(n - 1, true)).is_none());
         // The engine's default of 10 000 members needs well under the old flat 4 MiB.
         let lan = max_stream_body(membership::Config::lan().max_members, true);
-        assert!(lan < 600 * 1024, "{lan}");
+        assert!(lan < 1200 * 1024, "{lan}");
     }
 
     #[test]
