@@ -403,23 +403,46 @@ impl MulticastDiscovery {
     }
 
     fn open_sockets(&self) -> Result<Sockets, MulticastError> {
-        match self.ip {
-            IpAddr::V4(ip) => self.open_sockets_v4(ip),
-            IpAddr::V6(ip) => self.open_sockets_v6(ip),
+        let (recv, send) = match self.ip {
+            IpAddr::V4(ip) => self.open_sockets_v4(ip)?,
+            IpAddr::V6(ip) => self.open_sockets_v6(ip)?,
+        };
+        for s in [&recv, &send] {
+            s.set_nonblocking(true)
+                .map_err(|source| MulticastError::Socket {
+                    what: "make the socket non-blocking".into(),
+                    source,
+                })?;
         }
+        Ok(Sockets {
+            recv: recv.into(),
+            send: send.into(),
+        })
     }
 
-    fn open_sockets_v6(&self, ip: Ipv6Addr) -> Result<Sockets, MulticastError> {
+    /// A UDP socket of `domain`; for receiving, one that other processes may bind too.
+    fn udp(domain: Domain, shared: bool) -> Result<Socket, MulticastError> {
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |source| MulticastError::Socket { what, source }
+        };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err("create a UDP socket"))?;
+        if domain == Domain::IPV6 {
+            s.set_only_v6(true).map_err(err("set IPV6_V6ONLY"))?;
+        }
+        if shared {
+            s.set_reuse_address(true).map_err(err("set SO_REUSEADDR"))?;
+            s.set_reuse_port(true).map_err(err("set SO_REUSEPORT"))?;
+        }
+        Ok(s)
+    }
+
+    /// The receiving and the sending socket for an IPv6 private address (a link-local group).
+    fn open_sockets_v6(&self, ip: Ipv6Addr) -> Result<(Socket, Socket), MulticastError> {
         let (group, port, ifindex) = (self.cfg.group6, self.cfg.port, self.ifindex);
         let err = |what: String| move |source| MulticastError::Socket { what, source };
-        let recv = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
-            .map_err(err("create a UDP socket".into()))?;
-        recv.set_only_v6(true)
-            .map_err(err("set IPV6_V6ONLY".into()))?;
-        recv.set_reuse_address(true)
-            .map_err(err("set SO_REUSEADDR".into()))?;
-        recv.set_reuse_port(true)
-            .map_err(err("set SO_REUSEPORT".into()))?;
+        let recv = Self::udp(Domain::IPV6, true)?;
         // A link-local group is bound with its interface as the scope, which also binds the
         // socket to that interface: it hears this group on this link only.
         recv.bind(&SocketAddrV6::new(group, port, 0, ifindex).into())
@@ -430,13 +453,8 @@ impl MulticastDiscovery {
             "join {group} on the interface holding {ip} (index {ifindex}): check that it supports multicast, or change --private_ip_selector"
         )))?;
         let _ = recv.set_multicast_all_v6(false);
-        recv.set_nonblocking(true)
-            .map_err(err("make the socket non-blocking".into()))?;
 
-        let send = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))
-            .map_err(err("create a UDP socket".into()))?;
-        send.set_only_v6(true)
-            .map_err(err("set IPV6_V6ONLY".into()))?;
+        let send = Self::udp(Domain::IPV6, false)?;
         send.bind(&SocketAddrV6::new(ip, 0, 0, 0).into())
             .map_err(err(format!("bind the announcement socket to {ip}")))?;
         send.set_multicast_if_v6(ifindex).map_err(err(format!(
@@ -446,23 +464,14 @@ impl MulticastDiscovery {
             .map_err(err("set --multicast_ttl as the hop limit".into()))?;
         send.set_multicast_loop_v6(self.cfg.loopback)
             .map_err(err("set --multicast_loopback".into()))?;
-        send.set_nonblocking(true)
-            .map_err(err("make the socket non-blocking".into()))?;
-        Ok(Sockets {
-            recv: recv.into(),
-            send: send.into(),
-        })
+        Ok((recv, send))
     }
 
-    fn open_sockets_v4(&self, ip: Ipv4Addr) -> Result<Sockets, MulticastError> {
+    /// The receiving and the sending socket for an IPv4 private address.
+    fn open_sockets_v4(&self, ip: Ipv4Addr) -> Result<(Socket, Socket), MulticastError> {
         let (group, port) = (self.cfg.group, self.cfg.port);
         let err = |what: String| move |source| MulticastError::Socket { what, source };
-        let recv = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-            .map_err(err("create a UDP socket".into()))?;
-        recv.set_reuse_address(true)
-            .map_err(err("set SO_REUSEADDR".into()))?;
-        recv.set_reuse_port(true)
-            .map_err(err("set SO_REUSEPORT".into()))?;
+        let recv = Self::udp(Domain::IPV4, true)?;
         // Bound to the group, the socket receives this group's datagrams only.
         recv.bind(&SocketAddrV4::new(group, port).into())
             .map_err(err(format!(
@@ -473,11 +482,8 @@ impl MulticastDiscovery {
         )))?;
         // Only the group joined on this socket, not those other sockets on the host joined.
         let _ = recv.set_multicast_all_v4(false);
-        recv.set_nonblocking(true)
-            .map_err(err("make the socket non-blocking".into()))?;
 
-        let send = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-            .map_err(err("create a UDP socket".into()))?;
+        let send = Self::udp(Domain::IPV4, false)?;
         send.bind(&SocketAddrV4::new(ip, 0).into())
             .map_err(err(format!("bind the announcement socket to {ip}")))?;
         send.set_multicast_if_v4(&ip).map_err(err(format!(
@@ -487,12 +493,7 @@ impl MulticastDiscovery {
             .map_err(err("set --multicast_ttl".into()))?;
         send.set_multicast_loop_v4(self.cfg.loopback)
             .map_err(err("set --multicast_loopback".into()))?;
-        send.set_nonblocking(true)
-            .map_err(err("make the socket non-blocking".into()))?;
-        Ok(Sockets {
-            recv: recv.into(),
-            send: send.into(),
-        })
+        Ok((recv, send))
     }
 
     /// The sockets opened by `new`, or fresh ones if a previous round took them.

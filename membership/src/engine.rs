@@ -314,6 +314,13 @@ impl Engine {
         by_uuid.into_values().collect()
     }
 
+    /// The live members other than this one.
+    fn alive_others(&self) -> Vec<NodeId> {
+        let mut all = self.alive();
+        all.retain(|m| m.uuid != self.me.uuid);
+        all
+    }
+
     /// Replaces the discovered candidates: gossip addresses of peers to join.
     pub fn set_candidates(&mut self, candidates: Vec<SocketAddr>, now: Duration) {
         self.now = self.now.max(now);
@@ -1161,11 +1168,7 @@ impl Engine {
         if self.left {
             return;
         }
-        let others: Vec<NodeId> = self
-            .alive()
-            .into_iter()
-            .filter(|m| m.uuid != self.me.uuid)
-            .collect();
+        let others = self.alive_others();
         if let Some(peer) = others.choose(&mut self.rng).copied() {
             // A digest first: the peer answers with its whole state only if its view differs.
             let msg = wire::DigestMsg {
@@ -1224,11 +1227,7 @@ impl Engine {
         if self.left {
             return;
         }
-        let others: Vec<NodeId> = self
-            .alive()
-            .into_iter()
-            .filter(|m| m.uuid != self.me.uuid)
-            .collect();
+        let others = self.alive_others();
         if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
             tracing::debug!("leave: {e}");
         }

@@ -32,6 +32,13 @@ pub enum MembershipError {
     /// The message belongs to another cluster name or logical cluster.
     #[error("message from another cluster")]
     ForeignCluster,
+    /// The message is in another wire format version: a node of another release.
+    #[error(
+        "message in wire format version {0}, this node speaks {version}: run the same release \
+         on every node",
+        version = wire::VERSION
+    )]
+    WireVersion(u8),
     /// foca refused the message.
     #[error("swim protocol: {0}")]
     Swim(String),
@@ -57,6 +64,7 @@ impl MembershipError {
             MembershipError::Decode(_) => "malformed",
             MembershipError::Encode(_) => "encode",
             MembershipError::ForeignCluster => "foreign_cluster",
+            MembershipError::WireVersion(_) => "wire_version",
             MembershipError::Swim(_) => "swim",
             MembershipError::Zone(_) => "bad_zone",
             MembershipError::Config(_) => "config",

@@ -97,7 +97,7 @@ pub fn split_header(data: &[u8], tag: u64) -> Result<(Kind, &[u8]), MembershipEr
         return Err(MembershipError::Decode("bad magic"));
     }
     if data[2] != VERSION {
-        return Err(MembershipError::Decode("unsupported format version"));
+        return Err(MembershipError::WireVersion(data[2]));
     }
     let kind = Kind::from_u8(data[3])?;
     let got = u64::from_be_bytes(data[4..12].try_into().expect("8 bytes"));
@@ -115,24 +115,30 @@ fn need(buf: &impl Buf, n: usize) -> Result<(), MembershipError> {
     }
 }
 
+/// Reads `n` bytes with `get` once they are there.
+fn read<B: Buf, T>(
+    buf: &mut B,
+    n: usize,
+    get: impl FnOnce(&mut B) -> T,
+) -> Result<T, MembershipError> {
+    need(buf, n)?;
+    Ok(get(buf))
+}
+
 fn get_u8(buf: &mut impl Buf) -> Result<u8, MembershipError> {
-    need(buf, 1)?;
-    Ok(buf.get_u8())
+    read(buf, 1, |b| b.get_u8())
 }
 
 fn get_u16(buf: &mut impl Buf) -> Result<u16, MembershipError> {
-    need(buf, 2)?;
-    Ok(buf.get_u16())
+    read(buf, 2, |b| b.get_u16())
 }
 
 fn get_u32(buf: &mut impl Buf) -> Result<u32, MembershipError> {
-    need(buf, 4)?;
-    Ok(buf.get_u32())
+    read(buf, 4, |b| b.get_u32())
 }
 
 fn get_u64(buf: &mut impl Buf) -> Result<u64, MembershipError> {
-    need(buf, 8)?;
-    Ok(buf.get_u64())
+    read(buf, 8, |b| b.get_u64())
 }
 
 fn get_uuid(buf: &mut impl Buf) -> Result<Uuid, MembershipError> {
@@ -913,6 +919,18 @@ mod tests {
         let (kind, p) = split_header(&data, tag).unwrap();
         assert_eq!(kind, Kind::Suspect);
         assert_eq!(decode_suspect(p).unwrap(), sus);
+    }
+
+    #[test]
+    fn another_wire_version_is_named_as_such() {
+        let tag = cluster_tag("default", "all");
+        let mut leave = encode_leave(tag, &id(3, false));
+        assert!(split_header(&leave, tag).is_ok());
+        leave[2] = VERSION - 1;
+        let err = split_header(&leave, tag).unwrap_err();
+        assert_eq!(err, MembershipError::WireVersion(VERSION - 1));
+        assert_eq!(err.reason(), "wire_version");
+        assert!(err.to_string().contains("same release"), "{err}");
     }
 
     #[test]

@@ -178,13 +178,16 @@ pub fn choose(selector: Option<IpNetwork>, ifaces: &[Iface]) -> Result<Choice, N
 mod tests {
     use super::*;
 
-    fn host() -> Vec<Iface> {
-        let i = |name: &str, ip: &str, prefix: u8, loopback: bool| Iface {
+    fn i(name: &str, ip: &str, prefix: u8, loopback: bool) -> Iface {
+        Iface {
             name: name.into(),
             ip: ip.parse().unwrap(),
             prefix,
             loopback,
-        };
+        }
+    }
+
+    fn host() -> Vec<Iface> {
         vec![
             i("lo", "127.0.0.1", 8, true),
             i("lo", "::1", 128, true),
@@ -211,12 +214,6 @@ mod tests {
     }
 
     fn v6_host() -> Vec<Iface> {
-        let i = |name: &str, ip: &str, prefix: u8, loopback: bool| Iface {
-            name: name.into(),
-            ip: ip.parse().unwrap(),
-            prefix,
-            loopback,
-        };
         vec![
             i("lo", "::1", 128, true),
             // Link-local addresses sort before every global one.

@@ -245,18 +245,25 @@ where
     let program = it.next().map(|p| p.as_ref().to_owned()).unwrap_or_default();
     let mut cmd = Command::new(program);
     cmd.args(it).stdin(Stdio::null());
-    let out = cmd.output().map_err(|source| TestbedError::Spawn {
-        command: describe(&cmd),
+    let out = cmd.output();
+    let out = checked(&cmd, out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The output of `cmd` once it ran, or why it could not start or failed.
+fn checked(cmd: &Command, out: std::io::Result<Output>) -> Result<Output, TestbedError> {
+    let out = out.map_err(|source| TestbedError::Spawn {
+        command: describe(cmd),
         source,
     })?;
     if !out.status.success() {
         return Err(TestbedError::Command {
-            command: describe(&cmd),
+            command: describe(cmd),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 /// Runs a cleanup command; failures are reported on stderr, never raised.
@@ -375,19 +382,7 @@ fn run_batch(netns: Option<&str>, lines: &str) -> Result<(), TestbedError> {
         // A write error shows up as the command's failure below.
         let _ = stdin.write_all(lines.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| TestbedError::Spawn {
-            command: describe(&cmd),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(TestbedError::Command {
-            command: describe(&cmd),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
+    checked(&cmd, child.wait_with_output())?;
     Ok(())
 }
 
