@@ -345,52 +345,38 @@ fn put_foca_header(
     } else {
         put_dst(buf, &header.dst);
     }
-    match &header.message {
-        Message::Ping(n) => {
-            buf.put_u8(1);
-            buf.put_u8(*n);
-        }
-        Message::Ack(n) => {
-            buf.put_u8(2);
-            buf.put_u8(*n);
-        }
+    // Probes carry a number, and the indirect ones an identity too.
+    let (kind, probe, id) = match &header.message {
+        Message::Ping(n) => (1, Some(*n), None),
+        Message::Ack(n) => (2, Some(*n), None),
         Message::PingReq {
             target,
             probe_number,
-        } => {
-            buf.put_u8(3);
-            buf.put_u8(*probe_number);
-            put_id(buf, target);
-        }
+        } => (3, Some(*probe_number), Some(target)),
         Message::IndirectPing {
             origin,
             probe_number,
-        } => {
-            buf.put_u8(4);
-            buf.put_u8(*probe_number);
-            put_id(buf, origin);
-        }
+        } => (4, Some(*probe_number), Some(origin)),
         Message::IndirectAck {
             target,
             probe_number,
-        } => {
-            buf.put_u8(5);
-            buf.put_u8(*probe_number);
-            put_id(buf, target);
-        }
+        } => (5, Some(*probe_number), Some(target)),
         Message::ForwardedAck {
             origin,
             probe_number,
-        } => {
-            buf.put_u8(6);
-            buf.put_u8(*probe_number);
-            put_id(buf, origin);
-        }
-        Message::Announce => buf.put_u8(7),
-        Message::Feed => buf.put_u8(8),
-        Message::Gossip => buf.put_u8(9),
-        Message::Broadcast => buf.put_u8(10),
-        Message::TurnUndead => buf.put_u8(11),
+        } => (6, Some(*probe_number), Some(origin)),
+        Message::Announce => (7, None, None),
+        Message::Feed => (8, None, None),
+        Message::Gossip => (9, None, None),
+        Message::Broadcast => (10, None, None),
+        Message::TurnUndead => (11, None, None),
+    };
+    buf.put_u8(kind);
+    if let Some(n) = probe {
+        buf.put_u8(n);
+    }
+    if let Some(id) = id {
+        put_id(buf, id);
     }
     Ok(())
 }
@@ -418,32 +404,26 @@ impl foca::Codec<NodeId> for Codec {
         let message = match get_u8(&mut buf)? {
             1 => Message::Ping(get_u8(&mut buf)?),
             2 => Message::Ack(get_u8(&mut buf)?),
-            3 => {
+            kind @ 3..=6 => {
                 let probe_number = get_u8(&mut buf)?;
-                Message::PingReq {
-                    target: get_id(&mut buf)?,
-                    probe_number,
-                }
-            }
-            4 => {
-                let probe_number = get_u8(&mut buf)?;
-                Message::IndirectPing {
-                    origin: get_id(&mut buf)?,
-                    probe_number,
-                }
-            }
-            5 => {
-                let probe_number = get_u8(&mut buf)?;
-                Message::IndirectAck {
-                    target: get_id(&mut buf)?,
-                    probe_number,
-                }
-            }
-            6 => {
-                let probe_number = get_u8(&mut buf)?;
-                Message::ForwardedAck {
-                    origin: get_id(&mut buf)?,
-                    probe_number,
+                let id = get_id(&mut buf)?;
+                match kind {
+                    3 => Message::PingReq {
+                        target: id,
+                        probe_number,
+                    },
+                    4 => Message::IndirectPing {
+                        origin: id,
+                        probe_number,
+                    },
+                    5 => Message::IndirectAck {
+                        target: id,
+                        probe_number,
+                    },
+                    _ => Message::ForwardedAck {
+                        origin: id,
+                        probe_number,
+                    },
                 }
             }
             7 => Message::Announce,
