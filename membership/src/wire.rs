@@ -729,16 +729,22 @@ pub fn encode_foca_for_foca(pkt: &FocaPacket) -> Result<Vec<u8>, MembershipError
     let n = pkt.updates.as_ref().map_or(0, Vec::len);
     let mut buf = Vec::with_capacity(3 * MAX_ID_LEN + 8 + n * (MAX_ID_LEN + 3) + pkt.tail.len());
     put_foca_header(&mut buf, &pkt.header, true)?;
+    put_updates_and_tail(&mut buf, pkt)?;
+    Ok(buf)
+}
+
+/// Writes a foca packet's updates (count first) and its tail, after its header.
+fn put_updates_and_tail(buf: &mut Vec<u8>, pkt: &FocaPacket) -> Result<(), MembershipError> {
     if let Some(updates) = &pkt.updates {
         let n = u16::try_from(updates.len())
             .map_err(|_| MembershipError::Encode("too many updates"))?;
         buf.put_u16(n);
         for m in updates {
-            put_member(&mut buf, m);
+            put_member(buf, m);
         }
     }
     buf.extend_from_slice(&pkt.tail);
-    Ok(buf)
+    Ok(())
 }
 
 /// Encodes a whole [`Kind::Foca`] message, as [`decode_foca`] reads it back.
@@ -748,15 +754,7 @@ pub fn encode_foca(tag: u64, pkt: &FocaPacket) -> Result<Vec<u8>, MembershipErro
     let mut buf = Vec::with_capacity(HEADER_LEN + 3 * MAX_ID_LEN + 4 + n * (MAX_ID_LEN + 3));
     put_header(&mut buf, Kind::Foca, tag);
     Codec.encode_header(&pkt.header, &mut buf)?;
-    if let Some(updates) = &pkt.updates {
-        let n = u16::try_from(updates.len())
-            .map_err(|_| MembershipError::Encode("too many updates"))?;
-        buf.put_u16(n);
-        for m in updates {
-            put_member(&mut buf, m);
-        }
-    }
-    buf.extend_from_slice(&pkt.tail);
+    put_updates_and_tail(&mut buf, pkt)?;
     Ok(buf)
 }
 
