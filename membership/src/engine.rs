@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{AccumulatingRuntime, Foca, Member, NoCustomBroadcast, OwnedNotification, Timer};
@@ -81,14 +82,15 @@ pub enum Output {
         /// Destination.
         to: SocketAddr,
         /// The whole message.
-        data: Vec<u8>,
+        data: Arc<[u8]>,
     },
-    /// A message over a stream (TCP) to the peer's gossip address; reliable, any size.
+    /// A message over a stream (TCP) to the peer's gossip address; reliable, any size. A
+    /// message to many (a list pushed to every member) shares one buffer.
     Stream {
         /// Destination.
         to: SocketAddr,
         /// The whole message.
-        data: Vec<u8>,
+        data: Arc<[u8]>,
     },
 }
 
@@ -193,7 +195,12 @@ pub struct Engine {
     zone: Option<Zone>,
     /// Other members' zones by UUID (see [`Engine::note_zone`]); only members foca holds.
     zones: HashMap<Uuid, ZoneClaim>,
+    /// The held list's encoding, keyed by its issuer and version (see [`Engine::send_list`]).
+    list_wire: Option<EncodedList>,
 }
+
+/// A list's encoding and the (issuer, version) it encodes.
+type EncodedList = ((Uuid, u64), Arc<[u8]>);
 
 /// A member's zone as this member learned it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +255,7 @@ impl Engine {
             foca_token: None,
             zone: None,
             zones: HashMap::new(),
+            list_wire: None,
             cfg,
         }
     }
@@ -403,6 +411,8 @@ impl Engine {
                     | OwnedNotification::Rejoin(_)
             ) {
                 self.index.invalidate();
+                // The members outside the view may have changed: a join round may be due.
+                self.joins.wake(self.now);
             }
             self.notes.push(n);
         }
@@ -499,6 +509,7 @@ impl Engine {
             .at(addr)
             .is_some_and(|(id, active)| active && id.uuid == uuid);
         if member {
+            tracing::debug!(%addr, "heard from a member directly");
             self.heard.insert(addr, uuid);
             self.dirty = true;
         }
@@ -567,7 +578,7 @@ impl Engine {
                     let reply = self.sync_msg();
                     self.push_out(Output::Stream {
                         to,
-                        data: wire::encode_sync(self.tag, Kind::SyncResponse, &reply),
+                        data: wire::encode_sync(self.tag, Kind::SyncResponse, &reply).into(),
                     });
                 }
                 Ok(())
@@ -908,7 +919,7 @@ impl Engine {
         };
         self.push_out(Output::Datagram {
             to: target.addr,
-            data: wire::encode_suspect(self.tag, &msg),
+            data: wire::encode_suspect(self.tag, &msg).into(),
         });
     }
 
@@ -964,7 +975,7 @@ impl Engine {
             target,
             incarnation,
         };
-        let data = wire::encode_suspect(self.tag, &msg);
+        let data: Arc<[u8]> = wire::encode_suspect(self.tag, &msg).into();
         let mut to = self.witnesses(&target);
         to.push(target.addr);
         for addr in to {
@@ -1055,6 +1066,7 @@ impl Engine {
         }
         if self.seq.offer(msg) {
             self.pull_soon();
+            self.joins.wake(self.now);
             let list = self.seq.list();
             let claims: Vec<(Uuid, Option<Zone>, bool)> = list
                 .members
@@ -1142,7 +1154,8 @@ impl Engine {
             have_coordinator,
             zone: self.zone,
         };
-        let data = wire::encode_pull(self.tag, &pull);
+        let data: Arc<[u8]> = wire::encode_pull(self.tag, &pull).into();
+        tracing::debug!(?to, have_ver, "pulling the list");
         for c in to {
             self.push_out(Output::Datagram {
                 to: c,
@@ -1170,15 +1183,7 @@ impl Engine {
         }
         let others = self.alive_others();
         if let Some(peer) = others.choose(&mut self.rng).copied() {
-            // A digest first: the peer answers with its whole state only if its view differs.
-            let msg = wire::DigestMsg {
-                from: self.me,
-                digest: self.view_digest(peer.uuid),
-            };
-            self.push_out(Output::Stream {
-                to: peer.addr,
-                data: wire::encode_digest(self.tag, &msg),
-            });
+            self.send_digest(peer.addr, peer.uuid);
         }
     }
 
@@ -1202,6 +1207,12 @@ impl Engine {
     /// Announces this member, and sends a state sync, to the candidates outside the view that
     /// are due (see [`Joins::due`]).
     fn join_candidates(&mut self) {
+        // Nothing is due before the deadline `Joins` keeps (it is woken when the view or the
+        // list changes); building the set below on every tick was most of the engine's
+        // hashing while 200 members started.
+        if self.now < self.joins.next_deadline() {
+            return;
+        }
         // A candidate in the held list is in the cluster: its coordinator heard from it. This
         // member's view learns of it through gossip and syncs; joining it again would send two
         // whole states, over and over while the view lags (hundreds of members).
@@ -1209,15 +1220,35 @@ impl Engine {
         active.extend(self.seq.list().members.iter().map(|m| m.addr));
         for c in self.joins.due(&active, self.now, &mut self.rng) {
             self.announce_to(NodeId::unknown_at(c));
-            self.send_sync(c);
+            // A retry sends a digest: a live candidate answers it with its whole state, as it
+            // does not know this member, and a dead one (a static entry, say) costs 60 bytes
+            // every 8 s instead of a whole state (10 KB at 200 members) from every member.
+            if self.joins.retried(c) {
+                self.send_digest(c, Uuid::nil());
+            } else {
+                self.send_sync(c);
+            }
         }
+    }
+
+    /// Sends a digest of the view to `to`, whose UUID is `uuid` (nil when unknown): it answers
+    /// with its whole state only when its view differs.
+    fn send_digest(&mut self, to: SocketAddr, uuid: Uuid) {
+        let msg = wire::DigestMsg {
+            from: self.me,
+            digest: self.view_digest(uuid),
+        };
+        self.push_out(Output::Stream {
+            to,
+            data: wire::encode_digest(self.tag, &msg).into(),
+        });
     }
 
     fn send_sync(&mut self, to: SocketAddr) {
         let msg = self.sync_msg();
         self.push_out(Output::Stream {
             to,
-            data: wire::encode_sync(self.tag, Kind::SyncRequest, &msg),
+            data: wire::encode_sync(self.tag, Kind::SyncRequest, &msg).into(),
         });
     }
 
@@ -1232,7 +1263,7 @@ impl Engine {
             tracing::debug!("leave: {e}");
         }
         self.after_foca();
-        let data = wire::encode_leave(self.tag, &self.me);
+        let data: Arc<[u8]> = wire::encode_leave(self.tag, &self.me).into();
         for m in others {
             self.push_out(Output::Datagram {
                 to: m.addr,
@@ -1256,17 +1287,28 @@ impl Engine {
         self.out.push(o);
     }
 
+    /// Sends the held list to `to`. The encoding is made once per list and shared by every
+    /// push and pull answer: a coordinator of 200 encoded 10 KB per member per version.
     fn send_list(&mut self, to: SocketAddr) {
-        let list = self.seq.list();
-        let data = wire::encode_list(
-            self.tag,
-            &ListMsg {
-                ver: list.ver,
-                coordinator: list.coordinator,
-                members: list.members.clone(),
-                zones: list.zones.clone(),
-            },
-        );
+        let held = self.seq.held();
+        let data = match &self.list_wire {
+            Some((h, data)) if *h == held => data.clone(),
+            _ => {
+                let list = self.seq.list();
+                let data: Arc<[u8]> = wire::encode_list(
+                    self.tag,
+                    &ListMsg {
+                        ver: list.ver,
+                        coordinator: list.coordinator,
+                        members: list.members.clone(),
+                        zones: list.zones.clone(),
+                    },
+                )
+                .into();
+                self.list_wire = Some((held, data.clone()));
+                data
+            }
+        };
         if data.len() <= self.cfg.max_datagram {
             self.push_out(Output::Datagram { to, data });
         } else {
@@ -1299,7 +1341,7 @@ impl Engine {
             buf.extend_from_slice(&data);
             self.push_out(Output::Datagram {
                 to: to.addr,
-                data: buf,
+                data: buf.into(),
             });
         }
     }
@@ -1439,6 +1481,7 @@ impl Engine {
         let members = self.eligible(&alive);
         let coordinator = members[0];
         if self.seq.set_coordinator(coordinator.uuid) {
+            tracing::debug!(coordinator = %coordinator.addr, "coordinator changed");
             self.pull_pause = self.cfg.pull_interval;
             self.next_pull = self.now;
         }
@@ -1456,6 +1499,8 @@ impl Engine {
             .filter_map(|m| self.zone_of(m.uuid).map(|z| (m.uuid, z)))
             .collect();
         if self.seq.issue(members, zones, self.now) == Issue::Issued {
+            tracing::debug!(ver = self.seq.held().1, "issued a list");
+            self.joins.wake(self.now);
             let targets: Vec<SocketAddr> = self
                 .seq
                 .list()
@@ -1539,7 +1584,7 @@ mod tests {
             .into_iter()
             .filter_map(|o| match o {
                 Output::Datagram { to: a, data } | Output::Stream { to: a, data } if a == to => {
-                    Some(data)
+                    Some(data.to_vec())
                 }
                 _ => None,
             })
@@ -2297,6 +2342,28 @@ mod tests {
         let back = sent_to(&mut a, d.me.addr);
         assert_eq!(back.len(), 1);
         assert_eq!(kind_of(&back[0]), Kind::SyncRequest);
+    }
+
+    #[test]
+    fn a_candidate_gets_a_whole_state_once_and_digests_on_retries() {
+        let mut a = engine(id(1, 1));
+        let dead: SocketAddr = "10.0.0.99:10081".parse().unwrap();
+        a.set_candidates(vec![dead], Duration::ZERO);
+        let mut streams = Vec::new();
+        for _ in 0..6 {
+            let t = a.next_deadline();
+            a.tick(t);
+            let kinds: Vec<Kind> = sent_to(&mut a, dead).iter().map(|d| kind_of(d)).collect();
+            // Each contact is a foca announce and one stream.
+            assert_eq!(kinds.len(), 2, "{kinds:?}");
+            assert!(kinds.contains(&Kind::Foca), "{kinds:?}");
+            streams.extend(kinds.into_iter().filter(|k| *k != Kind::Foca));
+        }
+        assert_eq!(streams[0], Kind::SyncRequest);
+        assert!(
+            streams[1..].iter().all(|k| *k == Kind::SyncDigest),
+            "{streams:?}"
+        );
     }
 
     #[test]

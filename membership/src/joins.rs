@@ -1,8 +1,9 @@
 //! Joins: which discovered candidates outside the view to contact now, with doubling backoff
 //! per candidate and a few per round.
 //!
-//! The engine announces itself and sends a state sync to each candidate this returns; the
-//! candidate leaves the schedule once it is in the view.
+//! The engine announces itself to each candidate this returns, with its whole state on the
+//! first contact and a digest on retries; the candidate leaves the schedule once it is in the
+//! view.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use rand::seq::SliceRandom;
 struct JoinState {
     next_at: Duration,
     backoff: Duration,
+    /// Times this candidate was contacted since it was last in the view.
+    tries: u32,
 }
 
 /// The candidates and their join schedule.
@@ -65,9 +68,21 @@ impl Joins {
         self.next_join = now;
     }
 
+    /// Makes a round due at `now` at the latest: the view or the list changed, so the set of
+    /// candidates outside it may have too.
+    pub(crate) fn wake(&mut self, now: Duration) {
+        self.next_join = self.next_join.min(now);
+    }
+
     /// When the next round is due.
     pub(crate) fn next_deadline(&self) -> Duration {
         self.next_join
+    }
+
+    /// Whether `c` was contacted before this round without entering the view since: a dead
+    /// static entry, a partitioned peer, or one slow to answer.
+    pub(crate) fn retried(&self, c: SocketAddr) -> bool {
+        self.states.get(&c).is_some_and(|s| s.tries > 1)
     }
 
     /// The candidates outside the view (`active` holds the addresses in it) to contact now: at
@@ -88,6 +103,7 @@ impl Joins {
             let st = self.states.entry(*c).or_insert(JoinState {
                 next_at: now,
                 backoff: self.retry,
+                tries: 0,
             });
             if now >= st.next_at {
                 due.push(*c);
@@ -108,6 +124,7 @@ impl Joins {
                 let pause = st.backoff.mul_f64(rng.random_range(0.75..1.25));
                 st.next_at = now + pause;
                 st.backoff = (st.backoff * 2).min(self.retry_max);
+                st.tries = st.tries.saturating_add(1);
             }
         }
         // Joins only wake the engine while some candidate is outside the view; syncs and
@@ -150,8 +167,13 @@ mod tests {
         let none = HashSet::new();
         let mut now = Duration::ZERO;
         let mut pauses = Vec::new();
-        for _ in 0..10 {
+        for i in 0..10 {
             assert_eq!(j.due(&none, now, &mut rng), vec![addr(2)], "at {now:?}");
+            assert_eq!(
+                j.retried(addr(2)),
+                i > 0,
+                "only the first contact is not a retry"
+            );
             let next = j.next_deadline();
             pauses.push((next - now).as_secs_f64());
             // Nothing is due before the deadline.
@@ -204,6 +226,25 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_makes_a_round_due_without_forgetting_the_backoff() {
+        let mut j = joins();
+        let mut rng = StdRng::seed_from_u64(5);
+        j.set_candidates(vec![addr(2), addr(3)], addr(1), Duration::ZERO);
+        let both: HashSet<SocketAddr> = [addr(2), addr(3)].into();
+        assert!(j.due(&both, Duration::ZERO, &mut rng).is_empty());
+        assert_eq!(j.next_deadline(), Duration::MAX, "nothing outside the view");
+        // addr(3) left the view: a wake lets the next tick see it.
+        let t = Duration::from_secs(1);
+        j.wake(t);
+        assert_eq!(j.next_deadline(), t);
+        let one: HashSet<SocketAddr> = [addr(2)].into();
+        assert_eq!(j.due(&one, t, &mut rng), vec![addr(3)]);
+        // A wake never postpones a round already due.
+        j.wake(Duration::from_secs(60));
+        assert!(j.next_deadline() < Duration::from_secs(60));
+    }
+
+    #[test]
     fn a_reset_forgets_the_backoff() {
         let mut j = joins();
         let mut rng = StdRng::seed_from_u64(4);
@@ -215,9 +256,11 @@ mod tests {
             now = j.next_deadline();
         }
         let t = now + Duration::from_millis(1);
+        assert!(j.retried(addr(2)));
         j.reset(t);
         assert_eq!(j.next_deadline(), t);
         assert_eq!(j.due(&none, t, &mut rng), vec![addr(2)]);
+        assert!(!j.retried(addr(2)), "a reset starts the tries over");
         let pause = j.next_deadline() - t;
         assert!(pause <= Duration::from_millis(625), "{pause:?}");
     }

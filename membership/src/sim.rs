@@ -8,6 +8,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -23,7 +24,7 @@ use crate::wire;
 struct Delivery {
     to: SocketAddr,
     from: SocketAddr,
-    data: Vec<u8>,
+    data: Arc<[u8]>,
     stream: bool,
 }
 

@@ -8,7 +8,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
 use crate::NodeError;
 use crate::cli::Flags;
@@ -18,6 +18,10 @@ use crate::ports::Ports;
 /// How many ephemeral private ports are tried before giving up: each try fails only when one of
 /// the derived ports is taken.
 const EPHEMERAL_TRIES: usize = 64;
+/// The receive buffer asked for every gossip UDP socket.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// The accept queue of every TCP listener (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// What to bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,9 +202,19 @@ async fn bind_tcp(
     what: &'static str,
     flag: &str,
 ) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| bind_error(addr, what, flag, e))
+    let listen = || {
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        // Not the standard library's 128: a coordinator of hundreds of members gets their
+        // pulls in bursts, and a full accept queue drops SYNs, which cost a second each.
+        sock.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| bind_error(addr, what, flag, e))
 }
 
 async fn bind_udp(
@@ -208,9 +222,24 @@ async fn bind_udp(
     what: &'static str,
     flag: &str,
 ) -> Result<UdpSocket, NodeError> {
-    UdpSocket::bind(addr)
-        .await
-        .map_err(|e| bind_error(addr, what, flag, e))
+    let bind = || {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        // The oldest member gets every member's pulls at once while a cluster forms; with
+        // the default buffer (208 KiB, a few hundred datagrams) the kernel dropped them, and
+        // with them the probes it had to answer, until it was declared down. The kernel caps
+        // this at `net.core.rmem_max`.
+        if let Err(e) = sock.set_recv_buffer_size(UDP_RECV_BUFFER) {
+            tracing::debug!(%addr, "cannot enlarge the UDP receive buffer: {e}");
+        }
+        sock.bind(&addr.into())?;
+        sock.set_nonblocking(true)?;
+        UdpSocket::from_std(sock.into())
+    };
+    bind().map_err(|e| bind_error(addr, what, flag, e))
 }
 
 fn bind_error(addr: SocketAddr, what: &'static str, flag: &str, e: io::Error) -> NodeError {

@@ -37,7 +37,9 @@ const GATED: &str = r#": < "$BENCH_GO"; exec "$0" "$@" >> "$BENCH_LOG" 2>&1"#;
 /// One figure of the summary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
-    /// converge | detect | detect_raw (serf's log, before event coalescing) | leave |
+    /// converge | start_cpu_ms, start_cpu_max_ms (CPU per process, mean and largest, from
+    /// the start until convergence) | detect |
+    /// detect_raw (serf's log, before event coalescing) | leave |
     /// bytes_per_s | cpu_pct | cpu_max_pct | rss_bytes | rss_max_bytes | machine_busy_pct |
     /// removals_steady (members dropped while alive during the steady window) | false_removals
     /// (the same at 10% loss)
@@ -59,6 +61,8 @@ struct Opts {
     sizes: Option<Vec<usize>>,
     /// A built node binary to run instead of building one.
     node_bin: Option<PathBuf>,
+    /// The systems to run, node and serf unless `--systems` names fewer.
+    systems: Vec<System>,
 }
 
 impl Opts {
@@ -86,8 +90,7 @@ impl Opts {
     }
 }
 
-const USAGE: &str =
-    "usage: cargo xtask bench [--quick] [--dry-run] [--sizes N[,N...]] [--node-bin PATH]";
+const USAGE: &str = "usage: cargo xtask bench [--quick] [--dry-run] [--sizes N[,N...]] [--systems node,serf] [--node-bin PATH]";
 
 fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
     let mut opts = Opts {
@@ -95,6 +98,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
         dry_run: false,
         sizes: None,
         node_bin: std::env::var_os("BENCH_NODE_BIN").map(PathBuf::from),
+        systems: vec![System::Node, System::Serf],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -113,6 +117,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Opts> {
             "--dry-run" => opts.dry_run = true,
             "--sizes" => opts.sizes = Some(parse_sizes(&value("--sizes")?)?),
             "--node-bin" => opts.node_bin = Some(PathBuf::from(value("--node-bin")?)),
+            "--systems" => opts.systems = parse_systems(&value("--systems")?)?,
             other => bail!("unknown bench option `{other}`\n{USAGE}"),
         }
     }
@@ -132,6 +137,23 @@ fn parse_sizes(s: &str) -> anyhow::Result<Vec<usize>> {
         }
         if !out.contains(&n) {
             out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_systems(s: &str) -> anyhow::Result<Vec<System>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let system = match part {
+            "node" => System::Node,
+            "serf" => System::Serf,
+            other => bail!(
+                "--systems takes node, serf or both separated by a comma; `{other}` is neither"
+            ),
+        };
+        if !out.contains(&system) {
+            out.push(system);
         }
     }
     Ok(out)
@@ -197,11 +219,14 @@ struct Cluster {
     started: f64,
     watch: Watch,
     poll: Duration,
+    /// The machine's softnet drops when the bed was made.
+    softnet_dropped: u64,
 }
 
 impl Cluster {
     fn start(system: System, n: usize, dir: &Path, node_bin: &Path) -> anyhow::Result<Cluster> {
         let t_bed = Instant::now();
+        let softnet_dropped = procfs::softnet_dropped().unwrap_or(0);
         let mut bed = Testbed::new(n).map_err(|e| anyhow::anyhow!("{e}"))?;
         bed.static_neighbors().map_err(|e| anyhow::anyhow!("{e}"))?;
         let dir = dir.join(format!("{}-{n}-{}", system.name(), bed.prefix()));
@@ -234,7 +259,11 @@ impl Cluster {
                         .args(["--role", "worker", "--discovery", "static"])
                         .args(["--private_ip_selector", &format!("{ip}/32")])
                         .args(["--static_members", &ips.join(",")])
-                        .env("RUST_LOG", "info");
+                        // `BENCH_RUST_LOG` traces a run (more log lines cost CPU at N = 200).
+                        .env(
+                            "RUST_LOG",
+                            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+                        );
                 }
                 System::Serf => {
                     cmd.arg("serf")
@@ -290,6 +319,7 @@ impl Cluster {
             started,
             watch,
             poll: Duration::from_millis(if n >= 100 { 500 } else { 100 }),
+            softnet_dropped,
         })
     }
 
@@ -513,6 +543,41 @@ fn lifecycle(
         "converge",
         converged.map_or(f64::NAN, |t| t - started),
     );
+    // What the start cost: CPU per process from its start until now (one poll after
+    // convergence); the busiest is the oldest member, which sequences the lists.
+    let tck = procfs::clock_ticks_per_second();
+    let cpu: Vec<f64> = c
+        .pids()
+        .iter()
+        .filter_map(|&p| Some(procfs::cpu_ticks(p)? as f64 / tck * 1000.0))
+        .collect();
+    if let Some(m) = mean(&cpu) {
+        push(runs, "start_cpu_ms", m);
+    }
+    if let Some(max) = cpu.iter().copied().reduce(f64::max) {
+        push(runs, "start_cpu_max_ms", max);
+    }
+    // Packets the kernel dropped meanwhile, over every host (each has its own namespace).
+    let mut net = BTreeMap::new();
+    for p in c.pids() {
+        procfs::net_counters(p, &mut net);
+    }
+    let softnet = procfs::softnet_dropped().map(|d| d.saturating_sub(c.softnet_dropped));
+    let drops: Vec<String> = [
+        "Udp:RcvbufErrors",
+        "Udp:InErrors",
+        "TcpExt:ListenOverflows",
+        "TcpExt:ListenDrops",
+        "TcpExt:TCPBacklogDrop",
+    ]
+    .iter()
+    .map(|k| format!("{k}={}", net.get(*k).copied().unwrap_or(0)))
+    .collect();
+    eprintln!(
+        "bench: {sys} n={n}: kernel drops by converge: {} softnet={}",
+        drops.join(" "),
+        softnet.map_or("?".into(), |d| d.to_string())
+    );
     if converged.is_none() {
         eprintln!(
             "bench: {sys} at n={n} did not converge within {} s; measuring the steady state anyway, no kill or leave (logs: {})",
@@ -702,6 +767,8 @@ pub fn summary_json(runs: &[Run]) -> String {
 /// Every scenario in table order: (name, unit, scale to the unit, decimals).
 const SCENARIOS: &[(&str, &str, f64, usize)] = &[
     ("converge", "s", 1.0, 3),
+    ("start_cpu_ms", "ms", 1.0, 0),
+    ("start_cpu_max_ms", "ms", 1.0, 0),
     ("detect", "s", 1.0, 3),
     ("detect_raw", "s", 1.0, 1),
     ("leave", "s", 1.0, 3),
@@ -941,6 +1008,30 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The softnet backlog the bench needs: every host's veth delivers through the machine's
+/// per-CPU backlog, which a real host has to itself.
+const NETDEV_BACKLOG: u64 = 10_000;
+
+/// Raises `net.core.netdev_max_backlog` to [`NETDEV_BACKLOG`] when it is lower (Linux's
+/// default is 1000). Packets from veths queue there before the bridge forwards them; at 1000 a
+/// run at N = 200 lost about 44,000 (`/proc/net/softnet_stat`), which real hosts, each with
+/// its own NIC and CPUs, would not. The setting is left raised: it only lets the queue grow.
+fn raise_netdev_backlog() {
+    let path = "/proc/sys/net/core/netdev_max_backlog";
+    let now = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if now.is_some_and(|v| v < NETDEV_BACKLOG) {
+        match std::fs::write(path, NETDEV_BACKLOG.to_string()) {
+            Ok(()) => eprintln!(
+                "bench: net.core.netdev_max_backlog raised from {} to {NETDEV_BACKLOG}",
+                now.unwrap_or_default()
+            ),
+            Err(e) => eprintln!("bench: cannot raise net.core.netdev_max_backlog: {e}"),
+        }
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let opts = parse_args(args)?;
@@ -979,12 +1070,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot copy {} to {}", built.display(), node_bin.display()))?;
     eprintln!("bench: {binary}");
     raise_open_file_limit();
+    raise_netdev_backlog();
 
     let started = Instant::now();
     let mut runs = Vec::new();
     for n in opts.sizes() {
         // One system at a time: both at once would share the 2 cores.
-        for system in [System::Node, System::Serf] {
+        for &system in &opts.systems {
             eprintln!("bench: {} n={n}", system.name());
             lifecycle(system, n, &opts, &work, &node_bin, &mut runs)?;
             // So far, so a run stopped early keeps what it measured.

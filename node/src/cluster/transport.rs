@@ -14,8 +14,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-/// Streams being sent at once; more are dropped, and the pull path recovers.
+/// Streams being sent at once; more wait in line (see [`SendQueue`]).
 const MAX_OUTGOING_STREAMS: usize = 64;
+/// Outgoing streams waiting or in flight at once; more are dropped, and the pull path
+/// recovers. A list pushed to every member of the largest cluster (`--max_members`, 1024 by
+/// default) fits several times over.
+const MAX_QUEUED_STREAMS: usize = 4096;
+/// Bytes of outgoing streams waiting or in flight at once; more are dropped.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// How long a connect may take: past the first SYN retransmission (1 s), so a SYN dropped by
+/// a busy peer's full accept queue costs a second, not the stream.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long a stream may wait for its turn; an older one is stale and dropped.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Streams being read at once; more connections are closed at once.
 const MAX_INCOMING_STREAMS: usize = 128;
 /// Of the read slots, those only known peers (members in the view, discovered candidates) may
@@ -326,6 +337,75 @@ pub struct Transport {
     /// Streams leave from the gossip address, so peers recognise this member by its source IP.
     bind_ip: IpAddr,
     permits: Arc<Semaphore>,
+    queue: Arc<SendQueue>,
+}
+
+/// The outgoing streams waiting or in flight: a count and a byte budget. Before, streams beyond
+/// the ones in flight were dropped, so a list pushed to 200 members reached 64 and the rest
+/// learned it at their next pull, a second or more later. Streams that share one buffer (a
+/// list pushed to every member) count its bytes once.
+#[derive(Debug, Default)]
+struct SendQueue {
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    streams: usize,
+    bytes: usize,
+    /// The buffers held, by address: how many streams hold each.
+    buffers: HashMap<usize, usize>,
+}
+
+impl SendQueue {
+    /// Takes a place for a stream of `data`, or `None` when the queue is full.
+    fn admit(self: &Arc<Self>, data: &Arc<[u8]>) -> Option<QueuePlace> {
+        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let key = data.as_ptr() as usize;
+        let new = !h.buffers.contains_key(&key);
+        if h.streams >= MAX_QUEUED_STREAMS || (new && h.bytes + data.len() > MAX_QUEUED_BYTES) {
+            return None;
+        }
+        h.streams += 1;
+        if new {
+            h.bytes += data.len();
+        }
+        *h.buffers.entry(key).or_default() += 1;
+        Some(QueuePlace {
+            queue: self.clone(),
+            data: data.clone(),
+        })
+    }
+
+    /// (streams, bytes) held now.
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize) {
+        let h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        (h.streams, h.bytes)
+    }
+}
+
+/// A stream's place in the [`SendQueue`] and its message, given back when it is sent or
+/// dropped.
+#[derive(Debug)]
+struct QueuePlace {
+    queue: Arc<SendQueue>,
+    data: Arc<[u8]>,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let mut h = self.queue.held.lock().unwrap_or_else(|p| p.into_inner());
+        h.streams -= 1;
+        let key = self.data.as_ptr() as usize;
+        if let Some(n) = h.buffers.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                h.buffers.remove(&key);
+                h.bytes -= self.data.len();
+            }
+        }
+    }
 }
 
 impl Transport {
@@ -344,6 +424,7 @@ impl Transport {
             limits,
             bind_ip,
             permits: Arc::new(Semaphore::new(MAX_OUTGOING_STREAMS)),
+            queue: Arc::default(),
         }
     }
 
@@ -382,35 +463,46 @@ impl Transport {
     }
 
     /// Sends one engine output: a datagram on `udp`, or a stream in a task of its own (at most
-    /// [`MAX_OUTGOING_STREAMS`] at once; more are dropped, and the pull path recovers).
+    /// [`MAX_OUTGOING_STREAMS`] at once; more wait their turn in a bounded [`SendQueue`]).
     pub async fn send(&self, udp: &UdpSocket, output: Output) {
         match output {
             Output::Datagram { to, data } => {
-                let data = match &self.protection {
-                    Some(p) => p.seal(&data),
-                    None => data,
+                let sealed;
+                let bytes: &[u8] = match &self.protection {
+                    Some(p) => {
+                        sealed = p.seal(&data);
+                        &sealed
+                    }
+                    None => &data,
                 };
-                if let Err(e) = udp.send_to(&data, to).await {
+                if let Err(e) = udp.send_to(bytes, to).await {
                     tracing::debug!(cluster = self.cluster, %to, "udp send: {e}");
                 }
             }
             Output::Stream { to, data } => {
-                let Some(bytes) = frame(self.protection.as_ref(), &data, self.max_body) else {
-                    tracing::debug!(
-                        cluster = self.cluster,
-                        %to,
-                        len = data.len(),
-                        "stream frame larger than any peer accepts; dropped"
-                    );
+                let Some(place) = self.queue.admit(&data) else {
+                    tracing::debug!(cluster = self.cluster, %to, "too many streams waiting; dropped one");
                     return;
                 };
-                let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                    tracing::debug!(cluster = self.cluster, %to, "too many streams in flight; dropped one");
-                    return;
-                };
-                let bind_ip = self.bind_ip;
+                let (permits, bind_ip) = (self.permits.clone(), self.bind_ip);
+                let (protection, max_body) = (self.protection.clone(), self.max_body);
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    // Tokio's semaphore is fair: streams leave in the order they were sent.
+                    let Ok(Ok(_permit)) =
+                        tokio::time::timeout(QUEUE_WAIT, permits.acquire_owned()).await
+                    else {
+                        tracing::debug!(%to, "stream waited too long for its turn; dropped");
+                        return;
+                    };
+                    // Framed (and sealed) only now, so waiting streams share their message.
+                    let Some(bytes) = frame(protection.as_ref(), &place.data, max_body) else {
+                        tracing::debug!(
+                            %to,
+                            len = place.data.len(),
+                            "stream frame larger than any peer accepts; dropped"
+                        );
+                        return;
+                    };
                     if let Err(e) = send_stream(Some(bind_ip), to, &bytes).await {
                         tracing::debug!(%to, "stream send: {e}");
                     }
@@ -465,7 +557,7 @@ async fn send_stream(bind_ip: Option<IpAddr>, to: SocketAddr, bytes: &[u8]) -> s
     if let Some(ip) = bind_ip.filter(|ip| ip.is_ipv4() == to.is_ipv4() && !ip.is_unspecified()) {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
-    let mut s = tokio::time::timeout(Duration::from_secs(1), sock.connect(to))
+    let mut s = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(to))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tokio::time::timeout(HEAD_DEADLINE + BODY_DEADLINE, async {
@@ -699,6 +791,74 @@ mod tests {
         assert!(r.buckets.len() <= MAX_TRACKED_SOURCES);
         // Once the buckets refill, the idle sources are forgotten and new ones are served.
         assert!(r.allow("127.255.0.1".parse().unwrap(), t0 + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_streams_beyond_those_in_flight_waits_its_turn_and_arrives_whole() {
+        // A coordinator pushes a list to every member at once: 300 streams, where 64 may be
+        // in flight. Before, the other 236 were dropped.
+        let listener = TcpListener::bind((ip("127.0.4.60"), 0)).await.unwrap();
+        let to = listener.local_addr().unwrap();
+        let reader = tokio::spawn(async move {
+            // Like the accept loop: each connection is read in a task of its own.
+            let mut reads = tokio::task::JoinSet::new();
+            for _ in 0..300 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                reads.spawn(async move {
+                    let mut buf = Vec::new();
+                    s.read_to_end(&mut buf).await.unwrap();
+                    // `len(1) | head | body`, no key: the body is the last 5 bytes.
+                    buf.ends_with(b"hello")
+                });
+            }
+            reads.join_all().await.into_iter().filter(|&w| w).count()
+        });
+        let limits = WireLimits {
+            max_wire_datagram: 1400,
+            max_members: 10,
+        };
+        let t = Transport::new("all", None, limits, ip("127.0.4.61"));
+        let udp = UdpSocket::bind((ip("127.0.4.61"), 0)).await.unwrap();
+        for _ in 0..300 {
+            let data = b"hello".to_vec().into();
+            t.send(&udp, Output::Stream { to, data }).await;
+        }
+        let whole = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("every stream arrives within 20 s")
+            .unwrap();
+        assert_eq!(whole, 300);
+        // Every place in the queue was given back.
+        assert_eq!(t.queue.held(), (0, 0));
+    }
+
+    #[test]
+    fn the_send_queue_is_bounded_in_streams_and_bytes_and_counts_a_shared_buffer_once() {
+        let q = Arc::new(SendQueue::default());
+        let one: Arc<[u8]> = vec![0u8; 100].into();
+        let places: Vec<QueuePlace> = (0..MAX_QUEUED_STREAMS)
+            .map(|_| q.admit(&one).expect("room"))
+            .collect();
+        assert_eq!(
+            q.held(),
+            (MAX_QUEUED_STREAMS, 100),
+            "one buffer, counted once"
+        );
+        assert!(q.admit(&vec![1u8].into()).is_none(), "the count is bounded");
+        drop(places);
+        assert_eq!(q.held(), (0, 0));
+        let big = q
+            .admit(&vec![0u8; MAX_QUEUED_BYTES - 10].into())
+            .expect("room");
+        assert!(
+            q.admit(&vec![0u8; 11].into()).is_none(),
+            "the bytes are bounded"
+        );
+        let small = q
+            .admit(&vec![0u8; 10].into())
+            .expect("exactly the rest fits");
+        drop((big, small));
+        assert_eq!(q.held(), (0, 0));
     }
 
     const K1: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";

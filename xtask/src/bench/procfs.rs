@@ -84,6 +84,42 @@ pub fn machine_jiffies() -> Option<(u64, u64)> {
     machine_jiffies_of(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
+/// Counters of the network namespace `pid` runs in, summed by name: UDP's (`Udp:` of
+/// `/proc/<pid>/net/snmp`, such as `Udp:RcvbufErrors`) and TCP's extended ones (`TcpExt:` of
+/// `/proc/<pid>/net/netstat`, such as `TcpExt:ListenDrops`).
+pub fn net_counters(pid: u32, into: &mut std::collections::BTreeMap<String, u64>) {
+    for (file, prefix) in [("snmp", "Udp:"), ("netstat", "TcpExt:")] {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+            add_counters(&text, prefix, into);
+        }
+    }
+}
+
+/// Adds the counters of the first two lines that start with `prefix` (names, then values).
+pub fn add_counters(text: &str, prefix: &str, into: &mut std::collections::BTreeMap<String, u64>) {
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+    if let [names, values, ..] = rows[..] {
+        for (k, v) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            if let Ok(v) = v.parse::<u64>() {
+                *into.entry(format!("{prefix}{k}")).or_default() += v;
+            }
+        }
+    }
+}
+
+/// Packets the machine's softnet backlogs dropped since boot (the second column of
+/// `/proc/net/softnet_stat`, hexadecimal, one row per CPU).
+pub fn softnet_dropped() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/softnet_stat").ok()?;
+    text.lines()
+        .map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +146,16 @@ mod tests {
         let stat = "cpu  100 5 50 800 40 3 2 0 0 0\ncpu0 50 2 25 400 20 1 1 0 0 0\n";
         assert_eq!(machine_jiffies_of(stat), Some((160, 1000)));
         assert_eq!(machine_jiffies_of("intr 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn snmp_counters_are_summed_by_name() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\nUdp: InDatagrams NoPorts RcvbufErrors\nUdp: 10 2 7\nUdpLite: InDatagrams\nUdpLite: 0\n";
+        let mut m = std::collections::BTreeMap::new();
+        add_counters(snmp, "Udp:", &mut m);
+        add_counters(snmp, "Udp:", &mut m);
+        assert_eq!(m.get("Udp:RcvbufErrors"), Some(&14));
+        assert_eq!(m.get("Udp:InDatagrams"), Some(&20));
+        assert!(!m.contains_key("UdpLite:InDatagrams") && !m.contains_key("Ip:Forwarding"));
     }
 }
