@@ -119,8 +119,7 @@ impl Bound {
         }
         let mut last = None;
         for _ in 0..EPHEMERAL_TRIES {
-            let probe = bind_tcp(SocketAddr::new(l.ip, 0), "internal API", "--private_port")
-                .await?
+            let probe = bind_tcp(SocketAddr::new(l.ip, 0), "internal API", "--private_port")?
                 .local_addr()
                 .map_err(|e| NodeError::Config(format!("cannot read a bound address: {e}")))?
                 .port();
@@ -146,16 +145,15 @@ impl Bound {
             SocketAddr::new(l.ip, ports.private),
             "internal API",
             "--private_port",
-        )
-        .await?;
+        )?;
         let mut clusters = Vec::new();
         for logical in Logical::joined_by(l.role) {
             let addr = SocketAddr::new(l.ip, ports.gossip(logical));
             let flag = Ports::flag(logical);
             clusters.push(BoundCluster {
                 logical,
-                udp: bind_udp(addr, logical.what, &flag).await?,
-                tcp: bind_tcp(addr, logical.what, &flag).await?,
+                udp: bind_udp(addr, logical.what, &flag)?,
+                tcp: bind_tcp(addr, logical.what, &flag)?,
             });
         }
         let public = if l.role == Role::Scheduler {
@@ -165,7 +163,7 @@ impl Bound {
                 (true, IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             };
             let addr = SocketAddr::new(ip, ports.public);
-            Some(bind_tcp(addr, "public listener", "--public_port").await?)
+            Some(bind_tcp(addr, "public listener", "--public_port")?)
         } else {
             None
         };
@@ -197,11 +195,7 @@ impl Bound {
     }
 }
 
-async fn bind_tcp(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &str,
-) -> Result<TcpListener, NodeError> {
+fn bind_tcp(addr: SocketAddr, what: &'static str, flag: &str) -> Result<TcpListener, NodeError> {
     let listen = || {
         let sock = if addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -217,11 +211,7 @@ async fn bind_tcp(
     listen().map_err(|e| bind_error(addr, what, flag, e))
 }
 
-async fn bind_udp(
-    addr: SocketAddr,
-    what: &'static str,
-    flag: &str,
-) -> Result<UdpSocket, NodeError> {
+fn bind_udp(addr: SocketAddr, what: &'static str, flag: &str) -> Result<UdpSocket, NodeError> {
     let bind = || {
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(addr),
