@@ -1500,6 +1500,10 @@ impl Engine {
             .collect();
         if self.seq.issue(members, zones, self.now) == Issue::Issued {
             tracing::debug!(ver = self.seq.held().1, "issued a list");
+            // Only this member's own lists are sent, and a number it issued before may come
+            // again (it adopted an older list from a coordinator that insisted), so an
+            // encoding never outlives the issue it was made for.
+            self.list_wire = None;
             self.joins.wake(self.now);
             let targets: Vec<SocketAddr> = self
                 .seq
@@ -1795,6 +1799,39 @@ mod tests {
         b.handle_datagram(a2.me.addr, &list, b.now);
         assert_eq!(b.stats().rejected.get("zone_changed"), Some(&1));
         assert!(b.list().contains(c.me.uuid));
+    }
+
+    #[test]
+    fn a_new_issue_is_encoded_afresh_even_under_a_number_issued_before() {
+        let (mut a, mut b) = pair();
+        let ver = a.list().ver;
+        let c = engine(id(3, 3));
+        let pull = wire::encode_pull(
+            TAG,
+            &PullMsg {
+                from: c.me,
+                have_ver: 1,
+                have_coordinator: c.me.uuid,
+                zone: None,
+            },
+        );
+        a.handle_datagram(c.me.addr, &pull, a.now);
+        // An encoding left from an earlier issue under the number the next issue will take.
+        a.list_wire = Some(((a.me.uuid, ver + 1), Arc::from(&b"stale"[..])));
+        settle(&mut a);
+        assert_eq!(a.list().ver, ver + 1);
+        let pushed: Vec<Vec<u8>> = sent_to(&mut a, b.me.addr)
+            .into_iter()
+            .filter(|d| kind_of(d) == Kind::List)
+            .collect();
+        assert_eq!(pushed.len(), 1);
+        b.handle_stream(a.me.addr, &pushed[0], b.now);
+        assert_eq!(
+            b.list(),
+            a.list(),
+            "b holds the new list, all three members"
+        );
+        assert_eq!(b.list().members.len(), 3);
     }
 
     #[test]
